@@ -1,0 +1,29 @@
+"""Exit codes and the error types that map onto them.
+
+Operators script against these codes (Kubernetes podFailurePolicy in particular), so they are a
+contract: never renumber them.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected failure: worth a retry
+EXIT_USAGE = 2  # bad flags, data or model_dir: a retry cannot help
+EXIT_STORAGE = 3  # bucket stayed unreachable after retries mid-run: retry when it is back
+EXIT_PREEMPTED = 143  # SIGTERM received; a checkpoint was written; retry resumes
+
+
+class UsageError(Exception):
+  """Bad input detected before training: exits with EXIT_USAGE and one line."""
+
+  exit_code = EXIT_USAGE
+
+
+class StorageError(Exception):
+  """The bucket could not be reached even after retries: exits with EXIT_STORAGE."""
+
+  exit_code = EXIT_STORAGE
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM checkpoint so the process exits with EXIT_PREEMPTED."""
+
+  exit_code = EXIT_PREEMPTED

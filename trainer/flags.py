@@ -1,0 +1,281 @@
+"""Command-line flags: definitions, validation and the student spec parser.
+
+Kept apart from the training code (as tensorflow/models `official/` does) so that manifests and
+tests can parse a container's args with exactly the parser the job uses.
+"""
+
+import dataclasses
+import re
+from typing import List, Optional, Sequence
+
+from absl import flags
+
+from trainer.errors import UsageError
+
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_STUDENTS = (
+    f"labels_only:alpha=0,temperature={DEFAULT_TEMPERATURE:g}",
+    f"teacher_only:alpha=1,temperature={DEFAULT_TEMPERATURE:g}",
+    f"distilled:alpha=0.5,temperature={DEFAULT_TEMPERATURE:g}",
+)
+MODES = ("all", "teacher", "students", "report")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentSpec:
+  """One student experiment: alpha weighs the distillation term, temperature softens logits."""
+
+  name: str
+  alpha: float
+  temperature: float
+
+
+def parse_student(spec: str) -> StudentSpec:
+  """Parses 'NAME:alpha=A,temperature=T' (either key may be omitted)."""
+  name, sep, rest = spec.partition(":")
+  name = name.strip()
+  if not _NAME_RE.match(name):
+    raise UsageError(
+        f"--student={spec!r}: name must be lower-case letters, digits, '_' or '-' "
+        "(expected NAME:alpha=A,temperature=T)")
+  if name == "teacher":
+    raise UsageError(f"--student={spec!r}: 'teacher' is reserved for the teacher model")
+  values = {"alpha": 0.5, "temperature": DEFAULT_TEMPERATURE}
+  if sep and rest.strip():
+    for item in rest.split(","):
+      key, eq, raw = item.partition("=")
+      key = key.strip()
+      if not eq or key not in values:
+        raise UsageError(
+            f"--student={spec!r}: unknown or malformed setting {item!r} "
+            "(expected NAME:alpha=A,temperature=T)")
+      try:
+        values[key] = float(raw)
+      except ValueError:
+        raise UsageError(f"--student={spec!r}: {key} must be a number, got {raw!r}") from None
+  if not 0.0 <= values["alpha"] <= 1.0:
+    raise UsageError(f"--student={spec!r}: alpha must be in [0, 1], got {values['alpha']:g}")
+  if not values["temperature"] > 0.0:
+    raise UsageError(
+        f"--student={spec!r}: temperature must be > 0, got {values['temperature']:g}")
+  return StudentSpec(name=name, **values)
+
+
+def parse_students(specs: Sequence[str]) -> List[StudentSpec]:
+  """Parses every --student value and rejects duplicate names."""
+  students = [parse_student(s) for s in specs]
+  names = [s.name for s in students]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise UsageError(f"--student: duplicate student name(s): {', '.join(duplicates)}")
+  return students
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines every flag of the job on `flag_values` (idempotent per FlagValues)."""
+  if "model_dir" in flag_values:
+    return
+  fv = flag_values
+  # Where things go and come from.
+  flags.DEFINE_string(
+      "model_dir", None,
+      "Output folder, local or gs://bucket/prefix. Defaults to $AIP_MODEL_DIR's parent when "
+      "running on Vertex AI, else ./runs/default.", flag_values=fv)
+  flags.DEFINE_string("dataset", "mnist",
+                      "tensorflow-datasets name (mnist, fashion_mnist, ...).", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "tensorflow-datasets data dir (local or gs://).",
+                      flag_values=fv)
+  flags.DEFINE_string(
+      "idx_dir", None,
+      "Folder (local or gs://) with the four standard IDX files, .gz or not. When set, "
+      "tensorflow-datasets is not used.", flag_values=fv)
+  flags.DEFINE_string("teacher_dir", None,
+                      "Where --mode=students finds the trained teacher. Default <model_dir>/teacher.",
+                      flag_values=fv)
+  # What to run.
+  flags.DEFINE_enum("mode", "all", MODES,
+                    "all: teacher then students; teacher; students (reuses the teacher); "
+                    "report: merge finished results only.", flag_values=fv)
+  flags.DEFINE_multi_string(
+      "student", list(DEFAULT_STUDENTS),
+      "Student experiment NAME:alpha=A,temperature=T, repeatable. alpha weighs the "
+      "distillation term: 0 = labels only, 1 = teacher only.", flag_values=fv)
+  flags.DEFINE_integer(
+      "student_index", None,
+      "Run only the K-th --student (0-based). Default: $JOB_COMPLETION_INDEX when set.",
+      lower_bound=0, flag_values=fv)
+  # Training.
+  flags.DEFINE_integer("teacher_epochs", 12, "Teacher training epochs.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("student_epochs", 12, "Epochs per student.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 256,
+                       "Global batch size (per-replica batch = global / replicas).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate (cosine-decayed to 0).",
+                     lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_integer("seed", 42, "Seed for initial weights and data order.", flag_values=fv)
+  flags.DEFINE_integer("max_train_examples", None,
+                       "Use at most this many training examples (smoke runs).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("max_test_examples", None,
+                       "Evaluate on at most this many test examples (smoke runs).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer(
+      "validation_examples", 5000,
+      "Examples held out from the end of the training split for validation; the test split "
+      "is only used for the final report.", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("checkpoint_every_steps", None,
+                       "Also checkpoint every N steps (a checkpoint is written every epoch).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("deterministic", False,
+                    "Bit-reproducible training on CPU (op determinism; resume gives the same "
+                    "weights as an uninterrupted run).", flag_values=fv)
+  # Speed.
+  flags.DEFINE_enum("teacher_logits", "cached", ("cached", "online"),
+                    "cached: compute the teacher's logits on the training set once; online: run "
+                    "the teacher every distillation step.", flag_values=fv)
+  flags.DEFINE_bool("jit_compile", False, "Compile train and test steps with XLA.",
+                    flag_values=fv)
+  flags.DEFINE_enum("mixed_precision", "auto", PRECISIONS,
+                    "auto: mixed_float16 on GPUs with compute capability >= 7, else float32.",
+                    flag_values=fv)
+  # Distribution.
+  flags.DEFINE_enum("strategy", "auto", STRATEGIES,
+                    "auto: multi_worker when TF_CONFIG names several workers, mirrored with "
+                    "several GPUs (or --num_cpu_devices > 1), else default.", flag_values=fv)
+  flags.DEFINE_integer("num_cpu_devices", 1,
+                       "Split the CPU into N logical devices (MirroredStrategy without GPUs).",
+                       lower_bound=1, flag_values=fv)
+  # Observability.
+  flags.DEFINE_string("profile_steps", None,
+                      "START,END: write a profiler trace for these global steps of each model.",
+                      flag_values=fv)
+
+  flags.register_validator(
+      "student", lambda specs: bool(specs),
+      message="at least one --student is required", flag_values=fv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Validated view of the flags that the rest of the job reads."""
+
+  model_dir: str
+  dataset: str
+  data_dir: Optional[str]
+  idx_dir: Optional[str]
+  teacher_dir: str
+  mode: str
+  students: tuple
+  teacher_epochs: int
+  student_epochs: int
+  batch_size: int
+  learning_rate: float
+  seed: int
+  max_train_examples: Optional[int]
+  max_test_examples: Optional[int]
+  validation_examples: int
+  checkpoint_every_steps: Optional[int]
+  deterministic: bool
+  teacher_logits: str
+  jit_compile: bool
+  mixed_precision: str
+  strategy: str
+  num_cpu_devices: int
+  profile_steps: Optional[tuple]
+
+  def flag_dict(self) -> dict:
+    """Plain dict of the settings, for results.json."""
+    d = dataclasses.asdict(self)
+    d["students"] = [dataclasses.asdict(s) for s in self.students]
+    return d
+
+
+def _selected_students(all_students, index, environ):
+  if index is None and environ.get("JOB_COMPLETION_INDEX", "").strip():
+    raw = environ["JOB_COMPLETION_INDEX"].strip()
+    if not raw.isdigit():
+      raise UsageError(f"JOB_COMPLETION_INDEX must be a non-negative integer, got {raw!r}")
+    index = int(raw)
+  if index is None:
+    return tuple(all_students)
+  if index >= len(all_students):
+    raise UsageError(
+        f"--student_index={index} is out of range: there are {len(all_students)} students "
+        f"(0..{len(all_students) - 1})")
+  return (all_students[index],)
+
+
+def _parse_profile_steps(raw):
+  if not raw:
+    return None
+  try:
+    start, end = (int(v) for v in raw.split(","))
+  except ValueError:
+    raise UsageError(f"--profile_steps={raw!r}: expected START,END (two integers)") from None
+  if not 0 <= start < end:
+    raise UsageError(f"--profile_steps={raw!r}: need 0 <= START < END")
+  return (start, end)
+
+
+def _default_model_dir(environ) -> str:
+  # Vertex AI sets AIP_MODEL_DIR to <base>/model; the run's root is its parent.
+  aip = environ.get("AIP_MODEL_DIR", "").rstrip("/")
+  if aip:
+    return aip.rsplit("/", 1)[0] if aip.endswith("/model") else aip
+  return "runs/default"
+
+
+def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Settings:
+  """Cross-checks the parsed flags and returns Settings; raises UsageError on bad input."""
+  import os
+  environ = os.environ if environ is None else environ
+  if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
+    raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
+  students = parse_students(fv.student)
+  model_dir = (fv.model_dir or _default_model_dir(environ)).rstrip("/") or "/"
+  mode = fv.mode
+  return Settings(
+      model_dir=model_dir,
+      dataset=fv.dataset.strip(),
+      data_dir=fv.data_dir,
+      idx_dir=fv.idx_dir,
+      teacher_dir=(fv.teacher_dir or f"{model_dir}/teacher").rstrip("/"),
+      mode=mode,
+      students=_selected_students(students, fv.student_index, environ)
+      if mode in ("all", "students") else tuple(students),
+      teacher_epochs=fv.teacher_epochs,
+      student_epochs=fv.student_epochs,
+      batch_size=fv.batch_size,
+      learning_rate=fv.learning_rate,
+      seed=fv.seed,
+      max_train_examples=fv.max_train_examples,
+      max_test_examples=fv.max_test_examples,
+      validation_examples=fv.validation_examples,
+      checkpoint_every_steps=fv.checkpoint_every_steps,
+      deterministic=fv.deterministic,
+      teacher_logits=fv.teacher_logits,
+      jit_compile=fv.jit_compile,
+      mixed_precision=fv.mixed_precision,
+      strategy=fv.strategy,
+      num_cpu_devices=fv.num_cpu_devices,
+      profile_steps=_parse_profile_steps(fv.profile_steps),
+  )
+
+
+def parse_argv(argv: Sequence[str], flag_values: Optional[flags.FlagValues] = None) -> Settings:
+  """Parses a full argv (argv[0] is the program) into Settings, for tests and manifests.
+
+  Raises UsageError with a one-line message for anything absl rejects.
+  """
+  fv = flag_values if flag_values is not None else flags.FlagValues()
+  define_flags(fv)
+  try:
+    fv(list(argv))
+  except flags.Error as e:
+    raise UsageError(str(e).splitlines()[0]) from None
+  return settings_from_flags(fv)
