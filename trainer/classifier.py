@@ -1,0 +1,49 @@
+"""Plain supervised training of a logits network (the teacher), reduced like the Distiller.
+
+Written out rather than left to Keras' default train_step so that the teacher and the students
+share one custom training loop, one loss reduction and one set of metric names.
+"""
+
+import keras
+import tensorflow as tf
+
+from trainer.distiller import sparse_ce_from_logits
+
+
+class Classifier(keras.Model):
+  """Trains `net` with sparse cross-entropy on logits."""
+
+  def __init__(self, net, **kwargs):
+    super().__init__(**kwargs)
+    self.net = net
+
+  def compile(self, optimizer="adam", **kwargs):
+    super().compile(optimizer=optimizer, **kwargs)
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+    self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+  @property
+  def metrics(self):
+    return [self.loss_tracker, self.accuracy]
+
+  def call(self, images, training=False):
+    return self.net(images, training=training)
+
+  def _update_metrics(self, labels, logits, per_example):
+    self.loss_tracker.update_state(per_example)
+    self.accuracy.update_state(labels, logits)
+    return {m.name: m.result() for m in self.metrics}
+
+  def train_step(self, data):
+    images, labels = data[0], data[1]
+    with tf.GradientTape() as tape:
+      logits = self.net(images, training=True)
+      per_example = sparse_ce_from_logits(labels, logits)
+      scaled = self.optimizer.scale_loss(tf.nn.compute_average_loss(per_example))
+    variables = self.net.trainable_variables
+    self.optimizer.apply(tape.gradient(scaled, variables), variables)
+    return self._update_metrics(labels, logits, per_example)
+
+  def test_step(self, data):
+    logits = self.net(data[0], training=False)
+    return self._update_metrics(data[1], logits, sparse_ce_from_logits(data[1], logits))

@@ -1,0 +1,55 @@
+"""Entry point of `mnist-distill` and `python -m trainer`: flags in, exit code out.
+
+Every failure ends as one line on stderr and a documented exit code (trainer/errors.py):
+0 done, 1 unexpected failure, 2 bad input (before any training), 3 bucket unreachable,
+143 stopped by SIGTERM after a checkpoint.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+
+from trainer import errors
+from trainer.flags import define_flags, settings_from_flags
+
+define_flags()
+FLAGS = flags.FLAGS
+
+
+def _fail(code: int, message: str):
+  print(f"mnist-distill: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags_or_exit(argv):
+  """absl parser that exits with EXIT_USAGE (absl's own exits with 1) and one line."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _fail(errors.EXIT_USAGE, str(e).splitlines()[0])
+  if len(rest) > 1:
+    _fail(errors.EXIT_USAGE, f"unexpected positional arguments: {' '.join(rest[1:])}")
+  return rest
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+  try:
+    settings = settings_from_flags(FLAGS)
+    from trainer.job import Job  # imports TensorFlow: only after the flags are good
+    Job(settings).run()
+  except (errors.UsageError, errors.StorageError, errors.Preempted) as e:
+    _fail(e.exit_code, str(e))
+  except KeyboardInterrupt:
+    _fail(errors.EXIT_FAILURE, "interrupted")
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception("mnist-distill failed")
+    _fail(errors.EXIT_FAILURE, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main, flags_parser=parse_flags_or_exit)

@@ -1,0 +1,89 @@
+"""Loads MNIST-like data into memory as uint8 arrays, from tensorflow-datasets or IDX files.
+
+MNIST is 55 MB as uint8, so the whole set lives in memory once; the tf.data pipelines
+(trainer/pipeline.py) index into it, which keeps decoding out of the training loop.
+"""
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from trainer import idx
+from trainer.errors import UsageError
+
+
+@dataclasses.dataclass
+class Splits:
+  """Train/validation/test arrays: images uint8 [N,28,28], labels int64 [N]."""
+
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  validation_images: np.ndarray
+  validation_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  source: str
+
+  def summary(self) -> str:
+    return (f"{self.source}: {len(self.train_labels)} train, {len(self.validation_labels)} "
+            f"validation, {len(self.test_labels)} test")
+
+
+def _load_tfds_split(name: str, data_dir, split: str):
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends
+    raise UsageError(f"unknown dataset {name!r} for tensorflow-datasets: "
+                     f"{str(e).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare()
+    except Exception as e:
+      raise UsageError(
+          f"dataset {name!r} is not prepared in --data_dir={data_dir or builder.data_dir!r} and "
+          f"could not be downloaded ({type(e).__name__}); prepare it there or pass "
+          "--idx_dir=<folder with the four IDX files>") from None
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise UsageError(f"dataset {name!r} has no image/label features")
+  shape = tuple(features["image"].shape)
+  if shape != (28, 28, 1) or features["label"].num_classes != 10:
+    raise UsageError(
+        f"dataset {name!r} has images {shape} and {features['label'].num_classes} classes; "
+        "this job needs 28x28x1 images in 10 classes")
+  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  return arrays["image"][..., 0].astype(np.uint8), arrays["label"].astype(np.int64)
+
+
+def load_splits(dataset: str, data_dir=None, idx_dir=None, validation_examples=0,
+                max_train_examples=None, max_test_examples=None) -> Splits:
+  """Loads train and test, and holds out the last `validation_examples` of train.
+
+  Validation comes from the training split so that the test split is only ever used for the
+  final report; `max_*` cut the data down for smoke runs after the hold-out.
+  """
+  if idx_dir:
+    train_images, train_labels = idx.load_split(idx_dir, "train")
+    test_images, test_labels = idx.load_split(idx_dir, "test")
+    source = f"idx:{idx_dir}"
+  else:
+    train_images, train_labels = _load_tfds_split(dataset, data_dir, "train")
+    test_images, test_labels = _load_tfds_split(dataset, data_dir, "test")
+    source = f"tfds:{dataset}"
+  if validation_examples >= len(train_labels):
+    raise UsageError(f"--validation_examples={validation_examples} leaves no training data "
+                     f"(the training split has {len(train_labels)} examples)")
+  cut = len(train_labels) - validation_examples
+  splits = Splits(
+      train_images=train_images[:cut][:max_train_examples],
+      train_labels=train_labels[:cut][:max_train_examples],
+      validation_images=train_images[cut:],
+      validation_labels=train_labels[cut:],
+      test_images=test_images[:max_test_examples],
+      test_labels=test_labels[:max_test_examples],
+      source=source,
+  )
+  logging.info("Loaded %s", splits.summary())
+  return splits

@@ -1,0 +1,48 @@
+"""Writes a trained network as a SavedModel (for serving) and a .keras file, each atomically.
+
+Each artifact is written under a temporary name and renamed into place, so a reader (or a pod
+restarted after preemption) never sees half an export.
+"""
+
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+from trainer.pipeline import normalize_images
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+
+
+def export_saved_model(net: keras.Model, path: str) -> None:
+  """SavedModel whose `serving_default` takes raw uint8 images [N,28,28].
+
+  Serving callers send pixels as they come; normalization lives inside the graph so it can
+  never drift from training. Outputs: logits, probabilities, classes.
+  """
+  archive = keras.export.ExportArchive()
+  archive.track(net)
+
+  def serve(images):
+    logits = tf.cast(net(normalize_images(images), training=False), tf.float32)
+    return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+            "classes": tf.argmax(logits, axis=-1)}
+
+  archive.add_endpoint("serving_default", serve,
+                       input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="images")])
+  tmp = f"{path}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  archive.write_out(tmp, verbose=False)
+  _replace_dir(tmp, path)
+
+
+def save_keras(net: keras.Model, path: str) -> None:
+  """The network as a .keras file (the teacher is reloaded from it by --mode=students)."""
+  tmp = f"{path}.tmp-{os.getpid()}.keras"
+  net.save(tmp)
+  os.replace(tmp, path)

@@ -1,0 +1,153 @@
+"""The custom training loop shared by the teacher and the students.
+
+Why not `Model.fit`: resuming mid-epoch with the same data order, checkpointing every N steps,
+stopping cleanly on SIGTERM and running under MultiWorkerMirroredStrategy (keras-team/keras#20585)
+all need control over the step loop. The model's own `train_step`/`test_step` still do the work;
+this loop only feeds them through `strategy.run`, several steps per `tf.function` call.
+"""
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from trainer.errors import Preempted
+
+STEPS_PER_CALL = 50  # steps per tf.function call: amortizes Python overhead, bounds SIGTERM delay
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  epochs: int
+  seed: int
+  checkpoint_every_steps: Optional[int] = None
+  jit_compile: bool = False
+
+
+def metric_values(model) -> dict:
+  """Current metric results as floats (read in cross-replica context: summed over replicas)."""
+  return {m.name: float(m.result()) for m in model.metrics}
+
+
+def reset_metrics(model) -> None:
+  for m in model.metrics:
+    m.reset_state()
+
+
+class Evaluator:
+  """Runs a model's test_step over a whole pipeline under the strategy."""
+
+  def __init__(self, model, strategy, jit_compile=False):
+    self._model, self._strategy = model, strategy
+    step = tf.function(model.test_step, jit_compile=True) if jit_compile else model.test_step
+    self._step = tf.function(lambda batch: strategy.run(step, args=(batch,)),
+                             reduce_retracing=True)
+
+  def __call__(self, pipeline) -> dict:
+    reset_metrics(self._model)
+    for batch in self._strategy.distribute_datasets_from_function(pipeline.eval_fn()):
+      self._step(batch)
+    return metric_values(self._model)
+
+
+class TrainingLoop:
+  """Trains `model` for `config.epochs`, resuming from `checkpoint_dir` if it holds progress.
+
+  Callbacks: `on_checkpoint()` after every checkpoint (to upload it), `on_epoch(record)` after
+  every epoch with its metrics, `should_stop()` polled between step chunks (SIGTERM).
+  """
+
+  def __init__(self, model, net, strategy, train_pipeline, validation_pipeline, checkpoint_dir,
+               config: LoopConfig, on_checkpoint: Callable[[], None] = lambda: None,
+               on_epoch: Callable[[dict], None] = lambda record: None,
+               should_stop: Callable[[], bool] = lambda: False):
+    self.model, self.strategy, self.config = model, strategy, config
+    self.train_pipeline, self.validation_pipeline = train_pipeline, validation_pipeline
+    self.on_checkpoint, self.on_epoch, self.should_stop = on_checkpoint, on_epoch, should_stop
+    with strategy.scope():
+      model.optimizer.build(net.trainable_variables)
+      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+      self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+      self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                       name="train_seconds")
+    checkpoint = tf.train.Checkpoint(net=net, optimizer=model.optimizer, epoch=self.epoch,
+                                     step_in_epoch=self.step_in_epoch,
+                                     train_seconds=self.train_seconds)
+    self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
+    self.evaluate = Evaluator(model, strategy, config.jit_compile)
+    step = (tf.function(model.train_step, jit_compile=True) if config.jit_compile
+            else model.train_step)
+
+    @tf.function
+    def run_steps(iterator, count):
+      for _ in tf.range(count):
+        strategy.run(step, args=(next(iterator),))
+
+    self._run_steps = run_steps
+
+  def restore(self) -> bool:
+    """Restores the latest checkpoint, if any; True when progress was found."""
+    latest = self.manager.latest_checkpoint
+    if latest:
+      self.manager.checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info("Resumed from %s (epoch %d, step %d)", latest, int(self.epoch),
+                   int(self.step_in_epoch))
+    return bool(latest)
+
+  def _save(self):
+    self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+    self.on_checkpoint()
+
+  def _steps_until_pause(self, step, steps_per_epoch):
+    count = min(STEPS_PER_CALL, steps_per_epoch - step)
+    every = self.config.checkpoint_every_steps
+    if every:
+      done = int(self.model.optimizer.iterations)
+      count = min(count, every - done % every)
+    return count
+
+  def _train_epoch(self, epoch):
+    steps_per_epoch = self.train_pipeline.steps_per_epoch
+    step = int(self.step_in_epoch)
+    dataset = self.strategy.distribute_datasets_from_function(
+        self.train_pipeline.train_fn(self.config.seed, epoch, step))
+    iterator = iter(dataset)
+    reset_metrics(self.model)
+    started, first_step = time.perf_counter(), step
+    while step < steps_per_epoch:
+      count = self._steps_until_pause(step, steps_per_epoch)
+      self._run_steps(iterator, tf.constant(count, tf.int64))
+      step += count
+      self.step_in_epoch.assign(step)
+      every = self.config.checkpoint_every_steps
+      stop = self.should_stop()
+      if stop or (every and int(self.model.optimizer.iterations) % every == 0
+                  and step < steps_per_epoch):
+        self.train_seconds.assign_add(time.perf_counter() - started)
+        started = time.perf_counter()
+        self._save()
+      if stop:
+        raise Preempted(f"stopped at epoch {epoch + 1}, step {step}: checkpoint written")
+    seconds = time.perf_counter() - started
+    self.train_seconds.assign_add(seconds)
+    examples = (step - first_step) * self.train_pipeline.global_batch_size
+    return metric_values(self.model), examples / max(seconds, 1e-9)
+
+  def run(self) -> list:
+    """Trains the remaining epochs; returns one record per epoch trained in this call."""
+    history = []
+    while int(self.epoch) < self.config.epochs:
+      epoch = int(self.epoch)
+      train, examples_per_second = self._train_epoch(epoch)
+      validation = self.evaluate(self.validation_pipeline)
+      self.epoch.assign(epoch + 1)
+      self.step_in_epoch.assign(0)
+      self._save()
+      record = {"epoch": epoch + 1, "train": train, "validation": validation,
+                "examples_per_second": examples_per_second,
+                "learning_rate": float(self.model.optimizer.learning_rate)}
+      history.append(record)
+      self.on_epoch(record)
+    return history

@@ -1,0 +1,85 @@
+"""Per-model result.json files and the merged results.json / results.md at the run's root.
+
+A model's result.json is its completion marker: written last, atomically, after its export.
+The merge reads only those markers, so partial work never shows up as a result.
+"""
+
+import json
+import os
+import tempfile
+
+MODEL_FIELDS = ("name", "role", "params", "test_accuracy", "test_errors", "test_loss",
+                "validation_accuracy", "train_seconds", "train_examples_per_second", "alpha",
+                "temperature")
+
+
+def write_json_atomic(path: str, payload) -> None:
+  folder = os.path.dirname(path) or "."
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  folder = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".txt")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def read_model_result(model_dir: str, name: str):
+  """The finished result of model `name`, or None if it has not finished."""
+  path = os.path.join(model_dir, name, "result.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def finished_models(model_dir: str) -> list:
+  """Results of every finished model under model_dir: the teacher first, then by name."""
+  found = []
+  if os.path.isdir(model_dir):
+    for name in sorted(os.listdir(model_dir)):
+      result = read_model_result(model_dir, name)
+      if result is not None and result.get("name") == name:
+        found.append(result)
+  return sorted(found, key=lambda r: (r.get("role") != "teacher", r["name"]))
+
+
+def _pct(value):
+  return "" if value is None else f"{100 * value:.2f}%"
+
+
+def render_markdown(summary: dict) -> str:
+  """results.md: one table a person can read in a bucket browser or a pull request."""
+  lines = [
+      "# mnist-distill results", "",
+      f"Dataset `{summary['dataset']}`, strategy `{summary['strategy']}` with "
+      f"{summary['replicas']} replica(s), TensorFlow {summary['tensorflow']}.", "",
+      "| model | role | params | alpha | T | test accuracy | test errors | test loss | "
+      "validation accuracy | train s | examples/s |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for m in summary["models"]:
+    alpha = "" if m.get("alpha") is None else f"{m['alpha']:g}"
+    temp = "" if m.get("temperature") is None else f"{m['temperature']:g}"
+    lines.append(
+        f"| {m['name']} | {m['role']} | {m['params']:,} | {alpha} | {temp} | "
+        f"{_pct(m['test_accuracy'])} | {m['test_errors']} | {m['test_loss']:.4f} | "
+        f"{_pct(m.get('validation_accuracy'))} | {m['train_seconds']:.1f} | "
+        f"{m['train_examples_per_second']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def merge(model_dir: str, run_info: dict) -> dict:
+  """Writes results.json (last, atomically) and results.md from every finished model."""
+  summary = dict(run_info, models=finished_models(model_dir))
+  write_text_atomic(os.path.join(model_dir, "results.md"), render_markdown(summary))
+  write_json_atomic(os.path.join(model_dir, "results.json"), summary)
+  return summary
