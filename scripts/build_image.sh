@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds the mnist-distill image from docker/Dockerfile with docker (when an engine answers) or
+# else buildah (`buildah bud --isolation chroot`). Prints the image reference on stdout.
+#
+# Usage: scripts/build_image.sh [options]
+#   --variant gpu|cpu     gpu (default): tensorflow[and-cuda] + pinned CUDA wheels; cpu: without them.
+#   --base IMAGE          base image (default python:3.11-slim-bookworm; any Debian-like base with
+#                         python3.11, venv, groupadd/useradd).
+#   --tag REF             image reference (default mnist-distill:<git describe>-<variant>).
+#   --wheelhouse DIR      use only these wheels (--no-index --find-links); see docker/fill_wheelhouse.sh.
+#   --tool docker|buildah force a builder (default: docker if `docker info` works, else buildah).
+#   --layers              let buildah cache intermediate layers (docker always does).
+#   Anything after `--` goes to the builder unchanged.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+variant=gpu
+base=python:3.11-slim-bookworm
+tag=""
+wheelhouse=""
+tool=""
+layers=false
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --variant) variant=$2; shift 2 ;;
+    --variant=*) variant=${1#*=}; shift ;;
+    --base) base=$2; shift 2 ;;
+    --base=*) base=${1#*=}; shift ;;
+    --tag) tag=$2; shift 2 ;;
+    --tag=*) tag=${1#*=}; shift ;;
+    --wheelhouse) wheelhouse=$2; shift 2 ;;
+    --wheelhouse=*) wheelhouse=${1#*=}; shift ;;
+    --tool) tool=$2; shift 2 ;;
+    --tool=*) tool=${1#*=}; shift ;;
+    --layers) layers=true; shift ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "build_image: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+case "$variant" in cpu|gpu) ;; *) echo "build_image: --variant must be cpu or gpu" >&2; exit 2 ;; esac
+if [ -z "$tool" ]; then
+  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    tool=docker
+  elif command -v buildah >/dev/null; then
+    tool=buildah
+  else
+    echo "build_image: neither a Docker engine nor buildah is available" >&2
+    exit 2
+  fi
+fi
+
+version=$(sed -n 's/^ *version="\([^"]*\)".*/\1/p' "$repo/setup.py" | head -n1)
+revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
+describe=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "$version")
+source_url=$(git -C "$repo" remote get-url origin 2>/dev/null || echo unknown)
+tag=${tag:-mnist-distill:$describe-$variant}
+
+# Stage a minimal build context: the package's files plus wheelhouse/ (hard links when possible),
+# so the checkout is never modified and nothing else (runs/, venvs, .git) is sent to the builder.
+ctx=$(mktemp -d "${TMPDIR:-/tmp}/mnist-distill-ctx.XXXXXX")
+trap 'rm -rf "$ctx"' EXIT
+for f in setup.py setup.cfg pyproject.toml MANIFEST.in README.md requirements.txt trainer docker; do
+  [ -e "$repo/$f" ] && cp -a "$repo/$f" "$ctx/"
+done
+find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
+mkdir "$ctx/wheelhouse"
+offline=false
+if [ -n "$wheelhouse" ]; then
+  [ -d "$wheelhouse" ] || { echo "build_image: no wheelhouse at $wheelhouse" >&2; exit 2; }
+  cp -al "$wheelhouse/." "$ctx/wheelhouse/" 2>/dev/null || cp -a "$wheelhouse/." "$ctx/wheelhouse/"
+  offline=true
+fi
+
+build_args=(
+  --build-arg "BASE_IMAGE=$base"
+  --build-arg "VARIANT=$variant"
+  --build-arg "OFFLINE=$offline"
+  --build-arg "VERSION=$version"
+  --build-arg "REVISION=$revision"
+  --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  --build-arg "SOURCE=$source_url"
+)
+echo "build_image: $tool, variant=$variant, base=$base, offline=$offline -> $tag" >&2
+start=$(date +%s)
+if [ "$tool" = docker ]; then
+  DOCKER_BUILDKIT=1 docker build -f "$ctx/docker/Dockerfile" "${build_args[@]}" -t "$tag" \
+    "${extra[@]}" "$ctx" >&2
+else
+  buildah bud --isolation "${BUILDAH_ISOLATION:-chroot}" --layers="$layers" \
+    -f "$ctx/docker/Dockerfile" "${build_args[@]}" -t "$tag" "${extra[@]}" "$ctx" >&2
+fi
+echo "build_image: built $tag in $(( $(date +%s) - start ))s" >&2
+echo "$tag"
