@@ -6,6 +6,7 @@ MNIST is 55 MB as uint8, so the whole set lives in memory once; the tf.data pipe
 
 import dataclasses
 import logging
+import socket
 
 import numpy as np
 
@@ -30,6 +31,18 @@ class Splits:
             f"validation, {len(self.test_labels)} test")
 
 
+TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)  # where tfds fetches MNIST-like data
+
+
+def _can_download(timeout: float = 5.0) -> bool:
+  """Quick reachability probe: tfds itself retries for minutes before giving up offline."""
+  try:
+    socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
 def _load_tfds_split(name: str, data_dir, split: str):
   import tensorflow_datasets as tfds
   try:
@@ -38,13 +51,16 @@ def _load_tfds_split(name: str, data_dir, split: str):
     raise UsageError(f"unknown dataset {name!r} for tensorflow-datasets: "
                      f"{str(e).splitlines()[0]}") from None
   if not builder.is_prepared():
+    where = data_dir or builder.data_dir_root
+    hint = ("prepare it there or pass --idx_dir=<folder with the four IDX files>")
+    if not _can_download():
+      raise UsageError(f"dataset {name!r} is not prepared in --data_dir={where} and "
+                       f"{TFDS_DOWNLOAD_HOST[0]} is unreachable; {hint}")
     try:
       builder.download_and_prepare()
     except Exception as e:
-      raise UsageError(
-          f"dataset {name!r} is not prepared in --data_dir={data_dir or builder.data_dir!r} and "
-          f"could not be downloaded ({type(e).__name__}); prepare it there or pass "
-          "--idx_dir=<folder with the four IDX files>") from None
+      raise UsageError(f"dataset {name!r} is not prepared in --data_dir={where} and could "
+                       f"not be downloaded ({type(e).__name__}); {hint}") from None
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise UsageError(f"dataset {name!r} has no image/label features")

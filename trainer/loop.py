@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.errors import Preempted
@@ -42,13 +43,17 @@ class Evaluator:
   def __init__(self, model, strategy, jit_compile=False):
     self._model, self._strategy = model, strategy
     step = tf.function(model.test_step, jit_compile=True) if jit_compile else model.test_step
-    self._step = tf.function(lambda batch: strategy.run(step, args=(batch,)),
-                             reduce_retracing=True)
+
+    @tf.function
+    def run_all(dataset):  # the whole pass in one graph: no retracing on the partial batch
+      for batch in dataset:
+        strategy.run(step, args=(batch,))
+
+    self._run_all = run_all
 
   def __call__(self, pipeline) -> dict:
     reset_metrics(self._model)
-    for batch in self._strategy.distribute_datasets_from_function(pipeline.eval_fn()):
-      self._step(batch)
+    self._run_all(self._strategy.distribute_datasets_from_function(pipeline.eval_fn()))
     return metric_values(self._model)
 
 
@@ -68,10 +73,11 @@ class TrainingLoop:
     self.on_checkpoint, self.on_epoch, self.should_stop = on_checkpoint, on_epoch, should_stop
     with strategy.scope():
       model.optimizer.build(net.trainable_variables)
-      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-      self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
-      self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False,
-                                       name="train_seconds")
+    # Progress counters: plain host variables, saved in the checkpoint beside the weights.
+    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+    self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                     name="train_seconds")
     checkpoint = tf.train.Checkpoint(net=net, optimizer=model.optimizer, epoch=self.epoch,
                                      step_in_epoch=self.step_in_epoch,
                                      train_seconds=self.train_seconds)
@@ -96,15 +102,18 @@ class TrainingLoop:
                    int(self.step_in_epoch))
     return bool(latest)
 
+  def _iterations(self) -> int:
+    return int(self.model.optimizer.iterations.numpy())
+
   def _save(self):
-    self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+    self.manager.save(checkpoint_number=self._iterations())
     self.on_checkpoint()
 
   def _steps_until_pause(self, step, steps_per_epoch):
     count = min(STEPS_PER_CALL, steps_per_epoch - step)
     every = self.config.checkpoint_every_steps
     if every:
-      done = int(self.model.optimizer.iterations)
+      done = self._iterations()
       count = min(count, every - done % every)
     return count
 
@@ -123,7 +132,7 @@ class TrainingLoop:
       self.step_in_epoch.assign(step)
       every = self.config.checkpoint_every_steps
       stop = self.should_stop()
-      if stop or (every and int(self.model.optimizer.iterations) % every == 0
+      if stop or (every and self._iterations() % every == 0
                   and step < steps_per_epoch):
         self.train_seconds.assign_add(time.perf_counter() - started)
         started = time.perf_counter()
@@ -147,7 +156,7 @@ class TrainingLoop:
       self._save()
       record = {"epoch": epoch + 1, "train": train, "validation": validation,
                 "examples_per_second": examples_per_second,
-                "learning_rate": float(self.model.optimizer.learning_rate)}
+                "learning_rate": float(np.asarray(self.model.optimizer.learning_rate))}
       history.append(record)
       self.on_epoch(record)
     return history

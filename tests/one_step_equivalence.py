@@ -1,0 +1,75 @@
+"""Run as a script: trains one step on 1 device and on 2 mirrored logical CPUs, prints JSON.
+
+A separate process because logical devices must be configured before TensorFlow starts.
+SGD, not Adam: Adam's update hardly changes when the gradient doubles, so only SGD exposes a
+loss reduced per replica instead of over the global batch.
+"""
+
+import json
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import distribution, idx, models
+from trainer.classifier import Classifier
+from trainer.distiller import Distiller
+from trainer.loop import LoopConfig, TrainingLoop
+from trainer.pipeline import ArrayPipeline
+
+BATCH = 64
+
+
+def train_one_step(strategy, kind, images, labels, teacher_logits):
+  keras.utils.set_random_seed(0)
+  with strategy.scope():
+    if kind == "teacher":
+      net = models.build_teacher()
+      model = Classifier(net)
+      model.compile(optimizer=keras.optimizers.SGD(0.05))
+      extras = None
+    else:
+      net = models.build_student()
+      teacher = None
+      if kind == "distiller_online":
+        keras.utils.set_random_seed(1)
+        teacher = models.build_teacher()
+      model = Distiller(net, teacher)
+      model.compile(optimizer=keras.optimizers.SGD(0.05), alpha=0.5, temperature=4.0)
+      extras = teacher_logits if kind == "distiller_cached" else None
+  pipe = ArrayPipeline(images, labels, BATCH, strategy.num_replicas_in_sync, extras)
+  loop = TrainingLoop(model, net, strategy, pipe, pipe, tempfile.mkdtemp(),
+                      LoopConfig(epochs=1, seed=0))
+  history = loop.run()
+  return [w.numpy() for w in net.weights], history[0]["train"]["loss"]
+
+
+def main():
+  distribution.split_cpu(2)
+  cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+  images, labels = idx.load_split(sys.argv[1], "test")
+  images, labels = images[:BATCH], labels[:BATCH]
+  teacher_logits = np.random.default_rng(0).normal(size=(BATCH, 10)).astype("float32") * 3
+  one_device = tf.distribute.OneDeviceStrategy(cpus[0])
+  mirrored = tf.distribute.MirroredStrategy(cpus)  # one per process: collectives share keys
+  out = {}
+  for kind in ("teacher", "distiller_cached", "distiller_online"):
+    one, loss_one = train_one_step(one_device, kind, images,
+                                   labels, teacher_logits)
+    two, loss_two = train_one_step(mirrored, kind, images, labels,
+                                   teacher_logits)
+    keras.utils.set_random_seed(0)
+    initial = [w.numpy() for w in (models.build_teacher() if kind == "teacher"
+                                   else models.build_student()).weights]
+    out[kind] = {
+        "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(one, two)),
+        "max_update": max(float(np.abs(a - b).max()) for a, b in zip(one, initial)),
+        "loss_one_device": loss_one, "loss_mirrored": loss_two,
+    }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
