@@ -15,6 +15,7 @@ from trainer.flags import define_flags, settings_from_flags
 
 define_flags()
 FLAGS = flags.FLAGS
+_HELP_FLAGS = ("-?", "-h", "--help", "--helpfull", "--helpshort", "--helpxml")
 
 
 def _fail(code: int, message: str):
@@ -28,6 +29,10 @@ def parse_flags_or_exit(argv):
     rest = FLAGS(argv)
   except flags.Error as e:
     _fail(errors.EXIT_USAGE, str(e).splitlines()[0])
+  except SystemExit:  # absl's --help/--helpfull print and exit 1; asking for help is success
+    if any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(errors.EXIT_OK)
+    raise
   if len(rest) > 1:
     _fail(errors.EXIT_USAGE, f"unexpected positional arguments: {' '.join(rest[1:])}")
   return rest
