@@ -66,6 +66,14 @@ def _ensure_writable(folder: str) -> None:
     raise UsageError(f"--model_dir {folder} is not writable: {e.strerror or e}") from None
 
 
+def weights_digest(net) -> str:
+  """sha256 of a network's weights: shows that students started from the same point."""
+  digest = hashlib.sha256()
+  for weight in net.weights:
+    digest.update(np.asarray(weight.numpy()).tobytes())
+  return digest.hexdigest()
+
+
 def _images_key(splits: data.Splits) -> str:
   digest = hashlib.sha256()
   for array in (splits.train_images, splits.validation_images):
@@ -253,6 +261,7 @@ class Job:
     validation = self._pipeline(self.splits.validation_images, self.splits.validation_labels,
                                 validation_extra)
     net = self._seeded(models.build_student)  # same seed: every student starts identical
+    initial = weights_digest(net)
     with self.strategy.scope():
       distiller = Distiller(net, teacher=None if cached_logits else teacher)
       distiller.compile(optimizer=self._optimizer(s.student_epochs, train.steps_per_epoch),
@@ -262,7 +271,7 @@ class Job:
     self._finish(spec.name, net, "student", seconds, val,
                  s.student_epochs * steps * s.batch_size,
                  extra={"alpha": spec.alpha, "temperature": spec.temperature,
-                        "teacher_logits": s.teacher_logits})
+                        "teacher_logits": s.teacher_logits, "initial_weights_sha256": initial})
 
   def run_info(self) -> dict:
     s = self.settings

@@ -1,0 +1,117 @@
+"""End to end on real MNIST subsets: the model_dir layout contract, exports, resume, modes."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import MNIST_DIR, SMOKE_ARGS, run_cli, tree_digest
+from trainer import idx
+
+MODELS = ("teacher", "labels_only", "teacher_only", "distilled")
+RESULT_FIELDS = ("name", "params", "test_accuracy", "test_errors", "test_loss", "train_seconds",
+                 "train_examples_per_second")
+
+
+def _scalars(event_dir):
+  """{tag: {step: value}} from the event files of one TensorBoard run folder."""
+  found = {}
+  for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        found.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return found
+
+
+def test_layout_contract(smoke_run):
+  root = smoke_run["model_dir"]
+  for name in MODELS:
+    assert glob.glob(f"{root}/logs/{name}/train/events.out.tfevents.*"), name
+    assert glob.glob(f"{root}/logs/{name}/validation/events.out.tfevents.*"), name
+    assert os.path.isfile(f"{root}/{name}/checkpoints/checkpoint")
+    assert os.path.isfile(f"{root}/{name}/export/saved_model.pb")
+    assert os.path.isfile(f"{root}/{name}/model.keras")
+    assert os.path.isfile(f"{root}/{name}/result.json")
+  assert not glob.glob(f"{root}/**/*.tmp-*", recursive=True)  # no half-written artifacts
+
+
+def test_results_report(smoke_run):
+  root = smoke_run["model_dir"]
+  with open(f"{root}/results.json") as f:
+    summary = json.load(f)
+  assert [m["name"] for m in summary["models"]] == ["teacher", "distilled", "labels_only",
+                                                    "teacher_only"]
+  assert summary["tensorflow"] == tf.__version__ and summary["replicas"] == 1
+  assert summary["flags"]["batch_size"] == 64 and summary["dataset"].startswith("idx:")
+  for model in summary["models"]:
+    for field in RESULT_FIELDS:
+      assert model[field] is not None, (model["name"], field)
+    assert model["test_errors"] == round((1 - model["test_accuracy"]) * 512)
+    if model["role"] == "student":
+      assert model["params"] == 28_226 and 0 <= model["alpha"] <= 1 and model["temperature"] > 0
+  assert summary["models"][0]["params"] == 1_144_074
+  assert summary["models"][0]["test_accuracy"] > 0.5  # chance is 0.1: it learned
+  students = [m for m in summary["models"] if m["role"] == "student"]
+  assert len({m["initial_weights_sha256"] for m in students}) == 1  # identical starting points
+  with open(f"{root}/results.md") as f:
+    table = f.read()
+  for name in MODELS:
+    assert f"| {name} |" in table
+
+
+def test_tensorboard_scalars_per_epoch(smoke_run):
+  root = smoke_run["model_dir"]
+  teacher = _scalars(f"{root}/logs/teacher/train")
+  assert {"loss", "accuracy", "learning_rate", "examples_per_second"} <= set(teacher)
+  assert sorted(teacher["loss"]) == [1, 2]
+  student = _scalars(f"{root}/logs/distilled/train")
+  assert {"loss", "accuracy", "distillation_loss", "student_loss"} <= set(student)
+  validation = _scalars(f"{root}/logs/distilled/validation")
+  assert sorted(validation["accuracy"]) == [1, 2]
+  assert all(0 <= v <= 1 for v in validation["accuracy"].values())
+
+
+def test_exports_reproduce_reported_accuracy(smoke_run):
+  root = smoke_run["model_dir"]
+  images, labels = idx.load_split(MNIST_DIR, "test")
+  images, labels = images[:512], labels[:512]
+  for name in MODELS:
+    with open(f"{root}/{name}/result.json") as f:
+      result = json.load(f)
+    served = tf.saved_model.load(f"{root}/{name}/export").signatures["serving_default"]
+    out = served(images=tf.constant(images))
+    accuracy = float(np.mean(out["classes"].numpy() == labels))
+    assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-9), name
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_rerun_reuses_finished_models(smoke_run):
+  root = smoke_run["model_dir"]
+  models_before = {name: tree_digest(f"{root}/{name}") for name in MODELS}
+  proc = run_cli([f"--model_dir={root}", *SMOKE_ARGS])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "epoch 1/" not in proc.stderr  # nothing retrained
+  assert "teacher already finished" in proc.stderr
+  assert {name: tree_digest(f"{root}/{name}") for name in MODELS} == models_before
+
+
+def test_teacher_then_indexed_students(smoke_run, tmp_path):
+  """The Kubernetes flow: students run one per pod, each by JOB_COMPLETION_INDEX."""
+  model_dir = tmp_path / "run"
+  teacher_dir = os.path.join(smoke_run["model_dir"], "teacher")
+  args = [f"--model_dir={model_dir}", f"--teacher_dir={teacher_dir}", "--mode=students",
+          *SMOKE_ARGS, "--student=a:alpha=0", "--student=b:alpha=0.5,temperature=2"]
+  proc = run_cli(args, JOB_COMPLETION_INDEX="1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (model_dir / "a").exists() and (model_dir / "b" / "result.json").exists()
+  assert not (model_dir / "teacher").exists()  # the teacher was read, not retrained
+  proc = run_cli([*args, "--student_index=0"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(model_dir / "results.json") as f:
+    names = [m["name"] for m in json.load(f)["models"]]
+  assert names == ["a", "b"]
+  with open(model_dir / "b" / "result.json") as f:
+    assert json.load(f)["temperature"] == 2.0
