@@ -53,4 +53,8 @@ for r in "${reqs[@]}"; do req_args+=(-r "$r"); done
 # `pip check`, so a missing pin fails the build instead of floating in unpinned.
 "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$dir" "${req_args[@]}" >&2
 touch "$dir/.complete"
+# Keep the cache bounded: of the other wheelhouses of this variant, keep only the newest one.
+parent=$(dirname "$dir")
+ls -1dt "$parent"/wheelhouse-"$variant"-py* 2>/dev/null | grep -vxF "$dir" | tail -n +2 |
+  while read -r old; do rm -rf "$old"; done
 echo "$dir"
