@@ -118,5 +118,5 @@ def test_unwritable_model_dir_exits_2(tmp_path):
   proc = run_cli([f"--model_dir={blocker}/run", f"--idx_dir={MNIST_DIR}"])
   assert proc.returncode == 2
   lines = error_lines(proc.stderr)
-  assert len(lines) == 1 and "not writable" in lines[0]
+  assert len(lines) == 1 and "--model_dir" in lines[0]
   assert blocker.read_text() == "not a folder"
