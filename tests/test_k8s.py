@@ -556,3 +556,175 @@ def test_references_resolve_and_everything_is_namespaced(rendered, target):
         ref = e.get("valueFrom", {}).get("configMapKeyRef")
         if ref:
           assert ("ConfigMap", ref["name"]) in names, ref
+
+
+# ---------------------------------------------------------------- scripts/submit.sh, scripts/watch.sh
+
+DIGEST_REF = "europe-docker.pkg.dev/proj/ml/mnist-distill@sha256:" + "ab" * 32
+GSA = "trainer@proj.iam.gserviceaccount.com"
+
+
+def _submit(*args, env=None, timeout=120):
+  return subprocess.run(["bash", str(REPO / "scripts" / "submit.sh"), *args], capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("overlay", [t.split("/", 1)[1] for t in TARGETS if t != "base"])
+def test_submit_renders_image_run_folder_and_identity(overlay, tmp_path, monkeypatch):
+  kubectl_dir = str(Path(_tool("kubectl")).parent)
+  env = dict(os.environ, PATH=f"{kubectl_dir}{os.pathsep}{os.environ['PATH']}")
+  proc = _submit("--dry-run", "--overlay", overlay, "--image", DIGEST_REF, "--bucket",
+                 "gs://my-bucket", "--run", "exp-1", "--gsa", GSA, "--namespace", "ml-team",
+                 env=env)
+  assert proc.returncode == 0, proc.stderr
+  docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+  import kubernetes_validate
+  for doc in docs:
+    kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+    if doc["kind"] != "Namespace":
+      assert doc["metadata"]["namespace"] == "ml-team"
+  assert _find(docs, "Namespace", "ml-team")
+  assert _find(docs, "ServiceAccount", "mnist-distill")["metadata"]["annotations"][
+      "iam.gke.io/gcp-service-account"] == GSA
+  for obj in _workloads(docs):
+    for c in _containers(_pod_spec(obj)):
+      assert c["image"] == DIGEST_REF
+  for job in _trainer_jobs(docs):
+    container = _container(_pod_spec(job), TRAINER)
+    for index in _indexes(job):
+      argv, env_ = container_argv(docs, job, container, index, tmp_path)
+      assert parse_in_env(argv, env_, monkeypatch).model_dir == "gs://my-bucket/runs/exp-1"
+
+
+def test_submit_rejects_bad_usage():
+  assert _submit("--overlay", "gke-gpu", "--image", DIGEST_REF).returncode == 2  # no bucket
+  assert _submit("--overlay", "nope", "--image", DIGEST_REF, "--bucket", "gs://b").returncode == 2
+  assert _submit("--image", DIGEST_REF, "--bucket", "my-bucket").returncode == 2  # not gs://
+
+
+FAKE_KUBECTL = '''\
+#!{python}
+"""Stand-in for kubectl: answers from a scenario file and records every call."""
+import fcntl, json, os, sys
+args = sys.argv[1:]
+if args[:1] == ["--namespace"]:
+  args = args[2:]
+if args[0] == "kustomize":
+  os.execv({kubectl!r}, [{kubectl!r}] + args)
+if args[0] == "logs":  # watch.sh runs these concurrently: no shared state
+  print(f"[{{args[-1]}}/trainer] epoch 1/1 done")
+  sys.exit(0)
+state_path = os.environ["FAKE_KUBECTL_STATE"]
+lock = open(state_path + ".lock", "w")
+fcntl.flock(lock, fcntl.LOCK_EX)
+state = json.load(open(state_path))
+state["calls"].append(args)
+out = ""
+if args[0] == "get" and args[1] == "jobs" and "name" in args:
+  out = "".join(f"job.batch/{{j}}\\n" for j in state["existing"])
+elif args[0] == "get" and args[1] == "job":
+  job = state["jobs"][args[2]]
+  jsonpath = args[-1]
+  if "Failed" in jsonpath and "message" in jsonpath:
+    out = "PodFailurePolicy: Container trainer failed with exit code 2\\n"
+  elif "configMapKeyRef" in jsonpath:
+    out = "mnist-distill-run-abc"
+  else:
+    conditions = job["conditions"].pop(0) if len(job["conditions"]) > 1 else job["conditions"][0]
+    out = (f"{{str(job['suspend']).lower()}} " if ".spec.suspend" in jsonpath else "") + conditions
+elif args[0] == "get" and args[1] == "pods" and "jsonpath" in " ".join(args):
+  job = next(a.split("=", 1)[1] for a in args if a.startswith("batch.kubernetes.io/job-name="))
+  out = " ".join(f"{{p}}={{phase}}" for p, phase in state["pods"].get(job, {{}}).items())
+elif args[0] == "get" and args[1] == "configmap":
+  out = "gs://b/runs/r"
+elif args[0] == "patch":
+  state["jobs"][args[2]]["suspend"] = False
+elif args[0] == "get":
+  out = "(table)\\n"
+json.dump(state, open(state_path, "w"))
+sys.stdout.write(out)
+'''
+
+
+def _fake_kubectl(tmp_path, scenario):
+  script = tmp_path / "kubectl"
+  script.write_text(FAKE_KUBECTL.format(python=sys.executable, kubectl=_tool("kubectl")))
+  script.chmod(0o755)
+  state = tmp_path / "state.json"
+  state.write_text(json.dumps(dict(scenario, calls=[])))
+  env = dict(os.environ, KUBECTL=str(script), FAKE_KUBECTL_STATE=str(state), POLL_SECONDS="0")
+  return env, lambda: json.loads(state.read_text())
+
+
+SUBMIT_ARGS = ("--overlay", "gke-gpu", "--image", DIGEST_REF, "--bucket", "gs://b", "--run", "r")
+
+
+def test_submit_applies_then_resumes_students_after_the_teacher(tmp_path):
+  env, state = _fake_kubectl(tmp_path, {
+      "existing": [], "pods": {},
+      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["", "", "Complete "]},
+               "mnist-distill-students": {"suspend": True, "conditions": ["Suspended "]}}})
+  proc = _submit(*SUBMIT_ARGS, env=env)
+  assert proc.returncode == 0, proc.stderr
+  calls = [c[0] for c in state()["calls"]]
+  assert calls.index("apply") < calls.index("patch")
+  patch = next(c for c in state()["calls"] if c[0] == "patch")
+  assert patch[1:3] == ["job", "mnist-distill-students"]
+  assert json.loads(patch[patch.index("-p") + 1]) == {"spec": {"suspend": False}}
+  assert calls.count("get") >= 3  # polled until Complete
+
+
+def test_submit_keeps_students_suspended_when_the_teacher_fails(tmp_path):
+  env, state = _fake_kubectl(tmp_path, {
+      "existing": [], "pods": {},
+      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["Failed "]},
+               "mnist-distill-students": {"suspend": True, "conditions": ["Suspended "]}}})
+  proc = _submit(*SUBMIT_ARGS, env=env)
+  assert proc.returncode == 1
+  assert "exit code 2" in proc.stderr
+  assert "patch" not in [c[0] for c in state()["calls"]]
+
+
+def test_submit_refuses_to_clobber_a_run_unless_replace(tmp_path):
+  scenario = {"existing": ["mnist-distill-teacher"], "pods": {},
+              "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["Complete "]},
+                       "mnist-distill-students": {"suspend": True, "conditions": [""]}}}
+  env, state = _fake_kubectl(tmp_path, scenario)
+  assert _submit(*SUBMIT_ARGS, env=env).returncode == 2
+  assert "apply" not in [c[0] for c in state()["calls"]]
+  proc = _submit(*SUBMIT_ARGS, "--replace", "--no-wait", env=env)
+  assert proc.returncode == 0, proc.stderr
+  calls = [c[0] for c in state()["calls"]]
+  assert calls.index("delete") < calls.index("apply") and "patch" not in calls
+
+
+def _watch(env, *args):
+  return subprocess.run(["bash", str(REPO / "scripts" / "watch.sh"), *args], capture_output=True,
+                        text=True, timeout=60, env=env)
+
+
+def test_watch_follows_every_pod_until_both_jobs_complete(tmp_path):
+  env, _ = _fake_kubectl(tmp_path, {
+      "existing": ["mnist-distill-teacher", "mnist-distill-students"],
+      "pods": {"mnist-distill-teacher": {"mnist-distill-teacher-0-abc": "Failed",
+                                         "mnist-distill-teacher-0-def": "Succeeded"},
+               "mnist-distill-students": {f"mnist-distill-students-{i}-x": "Succeeded"
+                                          for i in range(3)}},
+      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["", "Complete "]},
+               "mnist-distill-students": {"suspend": False, "conditions": ["", "Complete "]}}})
+  proc = _watch(env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for pod in ("teacher-0-abc", "teacher-0-def", "students-0-x", "students-1-x", "students-2-x"):
+    assert f"[pod/mnist-distill-{pod}/trainer] epoch 1/1 done" in proc.stdout
+  assert "gs://b/runs/r/results.json" in proc.stdout
+
+
+def test_watch_reports_a_failed_teacher(tmp_path):
+  env, _ = _fake_kubectl(tmp_path, {
+      "existing": ["mnist-distill-teacher"], "pods": {},
+      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["Failed "]},
+               "mnist-distill-students": {"suspend": True, "conditions": [""]}}})
+  proc = _watch(env)
+  assert proc.returncode == 1
+  assert "exit code 2" in proc.stdout
+  assert _watch(env, "--once").returncode == 1
