@@ -2,8 +2,9 @@
 # Installs the Debian packages the tests use (only what is missing). Needs root or sudo.
 set -euo pipefail
 want=(dataset-fashion-mnist)
-# tests/test_image.py builds the image offline: a debootstrap base, built with buildah.
-want+=(buildah debootstrap)
+# tests/test_image.py builds the image offline (a debootstrap base, buildah) and pushes to a
+# loopback registry (docker-registry).
+want+=(buildah debootstrap docker-registry)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

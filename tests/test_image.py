@@ -16,9 +16,11 @@ Set MNIST_DISTILL_IMAGE_NO_CACHE=1 to build without buildah's layer cache.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,21 +68,30 @@ def test_shell_scripts_parse(script):
   assert proc.returncode == 0, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def cpu_image():
-  """Builds the CPU image from a debootstrap base and a host wheelhouse; yields its reference."""
+def _need_build_tools():
   if os.geteuid() != 0:
     _missing_or_fail("building the test image needs root (debootstrap, buildah storage)")
   for tool in ("buildah", "debootstrap", "unshare"):
     if not shutil.which(tool):
       _missing_or_fail(f"{tool} is not installed")
-  timings = {}
+
+
+@pytest.fixture(scope="module")
+def debootstrap_base():
+  """The debootstrap'ed Debian base image (cached: ~1 min the first time on a machine)."""
+  _need_build_tools()
   started = time.monotonic()
   proc = _run(["bash", str(REPO / "docker" / "make_debootstrap_base.sh")])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  base = proc.stdout.strip().splitlines()[-1]
-  timings["base"] = time.monotonic() - started
+  print(f"debootstrap base: {time.monotonic() - started:.0f}s")
+  return proc.stdout.strip().splitlines()[-1]
 
+
+@pytest.fixture(scope="module")
+def cpu_image(debootstrap_base):
+  """Builds the CPU image from the debootstrap base and a host wheelhouse; yields its reference."""
+  base = debootstrap_base
+  timings = {}
   started = time.monotonic()
   proc = _run(["bash", str(REPO / "docker" / "fill_wheelhouse.sh"), "--variant", "cpu"],
               env=dict(os.environ, PYTHON=sys.executable))
@@ -197,3 +208,45 @@ def test_smoke_job_runs_in_the_image(container, tmp_path):
 
   # With a read-only root filesystem in the pod, any write outside /tmp would fail there.
   assert _files_written_outside_tmp(container) == []
+
+
+def test_push_image_prints_the_digest_the_registry_serves(debootstrap_base, tmp_path):
+  """scripts/push_image.sh against a real registry (Debian's docker-registry) on loopback."""
+  if not shutil.which("docker-registry"):
+    _missing_or_fail("docker-registry is not installed")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  config = tmp_path / "registry.yml"
+  config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path}/data\n"
+                    f"http:\n  addr: 127.0.0.1:{port}\n")
+  registries = tmp_path / "registries.conf"  # plain HTTP on loopback
+  registries.write_text(f'[[registry]]\nlocation = "127.0.0.1:{port}"\ninsecure = true\n')
+  registry = subprocess.Popen(["docker-registry", "serve", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline, "registry did not start"
+        time.sleep(0.2)
+    dest = f"127.0.0.1:{port}/ml/mnist-distill:test"
+    proc = _run(["bash", str(REPO / "scripts" / "push_image.sh"), debootstrap_base, dest],
+                env=dict(os.environ, TOOL="buildah", CONTAINERS_REGISTRIES_CONF=str(registries)),
+                timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = proc.stdout.strip()
+    repository, _, digest = ref.partition("@")
+    assert repository == f"127.0.0.1:{port}/ml/mnist-distill" and digest.startswith("sha256:")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/ml/mnist-distill/manifests/test", method="HEAD",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json, "
+                           "application/vnd.docker.distribution.manifest.v2+json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+      assert response.headers["Docker-Content-Digest"] == digest
+  finally:
+    registry.terminate()
+    registry.wait(timeout=30)
