@@ -250,3 +250,29 @@ def test_push_image_prints_the_digest_the_registry_serves(debootstrap_base, tmp_
   finally:
     registry.terminate()
     registry.wait(timeout=30)
+
+
+def test_gpu_pins_satisfy_tensorflow_and_cuda():
+  """docker/requirements-cuda.txt pins exactly what `tensorflow[and-cuda]` asks for, compatibly."""
+  from importlib import metadata
+  from packaging.requirements import Requirement
+  from packaging.utils import canonicalize_name
+
+  pins = {}
+  for line in (REPO / "docker" / "requirements-cuda.txt").read_text().splitlines():
+    line = line.split("#", 1)[0].strip()
+    if line:
+      req = Requirement(line)
+      assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", line
+      pins[canonicalize_name(req.name)] = (next(iter(req.specifier)).version, req.extras)
+  tensorflow = metadata.distribution("tensorflow")
+  assert pins.pop("tensorflow") == (tensorflow.version, {"and-cuda"})
+  wanted = {}
+  for raw in tensorflow.requires:
+    req = Requirement(raw)
+    if req.marker and req.marker.evaluate({"extra": "and-cuda"}) and not req.marker.evaluate(
+        {"extra": ""}):
+      wanted[canonicalize_name(req.name)] = req.specifier
+  assert set(pins) == set(wanted)
+  for name, (version, _) in pins.items():
+    assert wanted[name].contains(version), (name, version, str(wanted[name]))
