@@ -34,7 +34,10 @@ def tfds_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   for name, folder in (("mnist", MNIST_DIR), ("fashion_mnist", FASHION_MNIST_DIR)):
     builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=folder, register_checksums=True))
+    # One download dir per dataset: tfds names manual files' extractions by file name, and
+    # MNIST and Fashion-MNIST share their file names.
+    builder.download_and_prepare(
+        download_dir=os.path.join(data_dir, "downloads", name),
+        download_config=tfds.download.DownloadConfig(manual_dir=folder, register_checksums=True))
     assert builder.is_prepared()
   return data_dir
