@@ -137,7 +137,7 @@ class Job:
   def _pipeline(self, images, labels, extras=None):
     return ArrayPipeline(images, labels, self.settings.batch_size, self.replicas, extras)
 
-  def _optimizer(self, epochs, steps_per_epoch):
+  def _optimizer(self, learning_rate, epochs, steps_per_epoch):
     schedule = keras.optimizers.schedules.CosineDecay(
         self.settings.learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
     return keras.optimizers.Adam(schedule)
@@ -213,7 +213,9 @@ class Job:
     net = self._seeded(models.build_teacher)
     with self.strategy.scope():
       model = Classifier(net)
-      model.compile(optimizer=self._optimizer(s.teacher_epochs, train.steps_per_epoch))
+      model.compile(optimizer=self._optimizer(s.learning_rate, s.teacher_epochs,
+                                            train.steps_per_epoch))
+    self._check_stop(TEACHER)
     _, seconds, val, steps = self._train(TEACHER, model, net, train, validation,
                                          s.teacher_epochs)
     self._finish(TEACHER, net, "teacher", seconds, val,
@@ -264,7 +266,8 @@ class Job:
     initial = weights_digest(net)
     with self.strategy.scope():
       distiller = Distiller(net, teacher=None if cached_logits else teacher)
-      distiller.compile(optimizer=self._optimizer(s.student_epochs, train.steps_per_epoch),
+      distiller.compile(optimizer=self._optimizer(s.student_learning_rate, s.student_epochs,
+                                                 train.steps_per_epoch),
                         alpha=spec.alpha, temperature=spec.temperature)
     _, seconds, val, steps = self._train(spec.name, distiller, net, train, validation,
                                          s.student_epochs)
