@@ -74,3 +74,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return True
   has_chief = "chief" in resolver.cluster_spec().as_dict()
   return not has_chief and resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+  """The --strategy value that names this strategy (class names differ from the API names)."""
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return "multi_worker"
+  if isinstance(strategy, tf.distribute.MirroredStrategy):
+    return "mirrored"
+  if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+    return "one_device"
+  return "default"

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 import trainer
+import tempfile
 from trainer import data, distribution, evaluation, export, models, results, storage
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
@@ -147,7 +148,7 @@ class Job:
     s = self.settings
     checkpoints = os.path.join(self.dir, name, "checkpoints")
     if not self.chief:  # every worker must save; only the chief's copy is kept
-      checkpoints = os.path.join(self.dir, ".workers", f"{name}-{id(self)}")
+      checkpoints = tempfile.mkdtemp(prefix=f"mnist-distill-{name}-worker-")
     logs = ModelLogs(os.path.join(self.dir, "logs"), name, enabled=self.chief)
 
     def on_checkpoint():
@@ -279,7 +280,7 @@ class Job:
   def run_info(self) -> dict:
     s = self.settings
     return {"dataset": s.dataset if not s.idx_dir else f"idx:{s.idx_dir}",
-            "strategy": type(self.strategy).__name__, "replicas": self.replicas,
+            "strategy": distribution.strategy_name(self.strategy), "replicas": self.replicas,
             "tensorflow": tf.__version__, "keras": keras.__version__,
             "mnist_distill": trainer.__version__, "precision": self.precision,
             "jit_compile": s.jit_compile, "global_batch_size": s.batch_size,
