@@ -5,6 +5,8 @@ want=(dataset-fashion-mnist)
 # tests/test_image.py builds the image offline (a debootstrap base, buildah) and pushes to a
 # loopback registry (docker-registry).
 want+=(buildah debootstrap docker-registry)
+# tests/test_tensorboard.py loads TensorBoard's pages in headless Chromium.
+want+=(chromium)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -19,7 +19,8 @@ import tensorflow as tf
 
 import trainer
 import tempfile
-from trainer import data, distribution, evaluation, export, models, results, storage
+from trainer import (comparison, data, distribution, evaluation, export, hparams_logging, models,
+                     results, storage, summaries)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import UsageError
@@ -150,6 +151,10 @@ class Job:
     if not self.chief:  # every worker must save; only the chief's copy is kept
       checkpoints = tempfile.mkdtemp(prefix=f"mnist-distill-{name}-worker-")
     logs = ModelLogs(os.path.join(self.dir, "logs"), name, enabled=self.chief)
+    logs.write_session(hparams_logging.session_hparams(
+        "teacher" if name == TEACHER else "student", net.count_params(), s.batch_size, s.seed,
+        getattr(model, "alpha", None), getattr(model, "temperature", None)))
+    logs.write_graph(net)
 
     def on_checkpoint():
       if self.chief:
@@ -167,7 +172,8 @@ class Job:
     loop = TrainingLoop(model, net, self.strategy, train, validation, checkpoints,
                         LoopConfig(epochs=epochs, seed=s.seed,
                                    checkpoint_every_steps=s.checkpoint_every_steps,
-                                   jit_compile=s.jit_compile),
+                                   jit_compile=s.jit_compile, profile_steps=s.profile_steps,
+                                   profile_dir=logs.train_dir if self.chief else None),
                         on_checkpoint=on_checkpoint, on_epoch=on_epoch,
                         should_stop=lambda: self.stop.requested)
     loop.restore()
@@ -189,9 +195,17 @@ class Job:
     result.update(extra or {})
     if self.chief:
       folder = os.path.join(self.dir, name)
+      predictions = logits.argmax(axis=-1)
+      comparison.save_predictions(folder, self.splits.test_images, self.splits.test_labels,
+                                  predictions)
+      summaries.write_test(os.path.join(self.dir, "logs"), name,
+                           self.settings.teacher_epochs if role == "teacher"
+                           else self.settings.student_epochs, report, self.splits.test_labels,
+                           predictions)
       export.export_saved_model(net, os.path.join(folder, "export"))
       export.save_keras(net, os.path.join(folder, "model.keras"))
       results.write_json_atomic(os.path.join(folder, "result.json"), result)
+      self.storage.sync(f"logs/{name}")  # the test run and its confusion matrix
       self.storage.sync(name, last=("result.json",))
     logging.info("%s: test accuracy %.4f (%d errors), test loss %.4f", name,
                  result["test_accuracy"], result["test_errors"], result["test_loss"])
@@ -297,7 +311,10 @@ class Job:
       for path in remote:
         if not os.path.isfile(os.path.join(self.dir, path)):
           self.storage.pull(path)
-      summary = results.merge(self.dir, self.run_info())
+          self.storage.pull(path.replace("result.json", comparison.PREDICTIONS_FILE))
+      summary = results.merge(self.dir, self.run_info(), figures=comparison.write_report)
+      self.storage.sync(comparison.FIGURES_DIR)
+      self.storage.sync(f"logs/{comparison.COMPARISON_RUN}")
       self.storage.sync("results.md")
       self.storage.sync("results.json")
       self.storage.flush()

@@ -25,6 +25,9 @@ class LoopConfig:
   seed: int
   checkpoint_every_steps: Optional[int] = None
   jit_compile: bool = False
+  # (start, end) global steps to trace with the TensorFlow profiler into profile_dir.
+  profile_steps: Optional[tuple] = None
+  profile_dir: Optional[str] = None
 
 
 def metric_values(model) -> dict:
@@ -92,6 +95,7 @@ class TrainingLoop:
         strategy.run(step, args=(next(iterator),))
 
     self._run_steps = run_steps
+    self._profiling = False
 
   def restore(self) -> bool:
     """Restores the latest checkpoint, if any; True when progress was found."""
@@ -112,10 +116,38 @@ class TrainingLoop:
   def _steps_until_pause(self, step, steps_per_epoch):
     count = min(STEPS_PER_CALL, steps_per_epoch - step)
     every = self.config.checkpoint_every_steps
+    done = self._iterations()
     if every:
-      done = self._iterations()
       count = min(count, every - done % every)
+    if self._profile_wanted():  # pause exactly at the profiled steps' boundaries
+      for boundary in self.config.profile_steps:
+        if done < boundary:
+          count = min(count, boundary - done)
     return count
+
+  # ---- profiler: a trace of global steps [start, end) into profile_dir ----
+  def _profile_wanted(self) -> bool:
+    return bool(self.config.profile_steps and self.config.profile_dir)
+
+  def _profile_before_chunk(self):
+    if self._profile_wanted() and not self._profiling:
+      start, end = self.config.profile_steps
+      if start <= self._iterations() < end:
+        try:
+          tf.profiler.experimental.start(self.config.profile_dir)
+          self._profiling = True
+          logging.info("Profiling steps %d-%d into %s", self._iterations(), end,
+                       self.config.profile_dir)
+        except Exception as e:  # pylint: disable=broad-except  # never stop training for it
+          logging.warning("Could not start the profiler: %s", e)
+
+  def _profile_after_chunk(self, force=False):
+    if self._profiling and (force or self._iterations() >= self.config.profile_steps[1]):
+      self._profiling = False
+      try:
+        tf.profiler.experimental.stop()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Could not write the profiler trace: %s", e)
 
   def _train_epoch(self, epoch):
     steps_per_epoch = self.train_pipeline.steps_per_epoch
@@ -127,7 +159,9 @@ class TrainingLoop:
     started, first_step = time.perf_counter(), step
     while step < steps_per_epoch:
       count = self._steps_until_pause(step, steps_per_epoch)
+      self._profile_before_chunk()
       self._run_steps(iterator, tf.constant(count, tf.int64))
+      self._profile_after_chunk()
       step += count
       self.step_in_epoch.assign(step)
       every = self.config.checkpoint_every_steps
@@ -147,6 +181,13 @@ class TrainingLoop:
   def run(self) -> list:
     """Trains the remaining epochs; returns one record per epoch trained in this call."""
     history = []
+    try:
+      self._train_epochs(history)
+    finally:
+      self._profile_after_chunk(force=True)  # ended (or failed) inside the profiled steps
+    return history
+
+  def _train_epochs(self, history):
     while int(self.epoch) < self.config.epochs:
       epoch = int(self.epoch)
       train, examples_per_second = self._train_epoch(epoch)
@@ -156,7 +197,7 @@ class TrainingLoop:
       self._save()
       record = {"epoch": epoch + 1, "train": train, "validation": validation,
                 "examples_per_second": examples_per_second,
-                "learning_rate": float(np.asarray(self.model.optimizer.learning_rate))}
+                "learning_rate": float(np.asarray(self.model.optimizer.learning_rate)),
+                "train_seconds": float(self.train_seconds.numpy())}
       history.append(record)
       self.on_epoch(record)
-    return history

@@ -52,6 +52,18 @@ def finished_models(model_dir: str) -> list:
   return sorted(found, key=lambda r: (r.get("role") != "teacher", r["name"]))
 
 
+def best_student(models):
+  """The student to ship: highest validation accuracy (ties: fewer parameters, then name).
+
+  The test split only reports; choosing by it would make its numbers optimistic.
+  """
+  students = [m for m in models if m.get("role") == "student"]
+  if not students:
+    return None
+  return min(students, key=lambda m: (-(m.get("validation_accuracy") or 0.0), m["params"],
+                                      m["name"]))
+
+
 def _pct(value):
   return "" if value is None else f"{100 * value:.2f}%"
 
@@ -74,12 +86,32 @@ def render_markdown(summary: dict) -> str:
         f"{_pct(m['test_accuracy'])} | {m['test_errors']} | {m['test_loss']:.4f} | "
         f"{_pct(m.get('validation_accuracy'))} | {m['train_seconds']:.1f} | "
         f"{m['train_examples_per_second']:.0f} |")
+  best = best_student(summary["models"])
+  if best is not None:
+    lines += ["", f"Best student by validation accuracy: **{best['name']}** "
+              f"({_pct(best.get('validation_accuracy'))} validation, "
+              f"{_pct(best['test_accuracy'])} test accuracy, {best['params']:,} parameters)."]
+  pictures = summary.get("figures") or ()
+  if pictures:
+    lines += ["", "## Figures", "",
+              "The same pictures are in TensorBoard (`tensorboard --logdir logs`): the confusion "
+              "matrices under each model's `test` run, the others under `_comparison`.", ""]
+    for picture in pictures:
+      lines += [f"### {picture['title']}", "", f"![{picture['title']}]({picture['path']})", ""]
+    lines.pop()
   return "\n".join(lines) + "\n"
 
 
-def merge(model_dir: str, run_info: dict) -> dict:
-  """Writes results.json (last, atomically) and results.md from every finished model."""
-  summary = dict(run_info, models=finished_models(model_dir))
+def merge(model_dir: str, run_info: dict, figures=None) -> dict:
+  """Writes results.json (last, atomically) and results.md from every finished model.
+
+  `figures(model_dir, models)` may draw pictures first; it returns [{"title", "path"}] (paths
+  relative to model_dir), which results.md links to.
+  """
+  models = finished_models(model_dir)
+  summary = dict(run_info, models=models)
+  if figures is not None:
+    summary["figures"] = figures(model_dir, models)
   write_text_atomic(os.path.join(model_dir, "results.md"), render_markdown(summary))
   write_json_atomic(os.path.join(model_dir, "results.json"), summary)
   return summary

@@ -1,0 +1,77 @@
+"""TensorBoard HParams: every model is one session, so all students sort in one table.
+
+Layout (under <model_dir>/logs):
+  <model>/               the session: experiment config + session start info (hyperparameters)
+  <model>/train/         per-epoch scalars; train_seconds (cumulative) -> metric train_seconds
+  <model>/validation/    per-epoch scalars; accuracy -> metric validation_accuracy
+  <model>/test/          final test scalars; accuracy, errors -> test_accuracy, test_errors
+
+Several pods (a Kubernetes Indexed Job) write different students into the same logs root, so
+there is no shared experiment file to clobber: every session folder carries the *same* experiment
+config, whose domains are the full ranges the flags accept rather than the values of one run.
+TensorBoard takes the config of whichever session it finds first, and they are all identical.
+A metric's value is the last scalar of its tag in <session>/<group>.
+"""
+
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+ROLES = ("student", "teacher")
+# Wide enough for any value the flags accept in practice; the plugin filters sessions by these
+# bounds, so they are deliberately generous rather than fitted to one run.
+TEMPERATURE_RANGE = (0.0, 1000.0)
+HPARAMS = (
+    hp.HParam("role", hp.Discrete(list(ROLES)), description="teacher or student"),
+    hp.HParam("alpha", hp.RealInterval(0.0, 1.0),
+              description="weight of the distillation term (0: labels only, 1: teacher only)"),
+    hp.HParam("temperature", hp.RealInterval(*TEMPERATURE_RANGE),
+              description="softmax temperature of the distillation term"),
+    hp.HParam("params", hp.IntInterval(0, 2**31 - 1), description="trainable parameters"),
+    hp.HParam("batch_size", hp.IntInterval(1, 2**31 - 1), description="global batch size"),
+    hp.HParam("seed", hp.IntInterval(-2**31, 2**31 - 1), description="initial weights and data order"),
+)
+# The hyperparameters that tell the models apart. Marked `differs` in the config, so that the
+# HParams dashboard (which shows 5 columns by default, those that differ first) shows them.
+VARYING = ("role", "alpha", "temperature", "params")
+METRICS = (
+    hp.Metric("accuracy", group="test", display_name="test_accuracy",
+              description="accuracy on the test split (final)"),
+    hp.Metric("errors", group="test", display_name="test_errors",
+              description="misclassified test examples (final)"),
+    hp.Metric("accuracy", group="validation", display_name="validation_accuracy",
+              description="accuracy on the held-out validation split (last epoch)"),
+    hp.Metric("train_seconds", group="train", display_name="train_seconds",
+              description="training time, excluding evaluation and export"),
+)
+
+
+def session_hparams(role: str, params: int, batch_size: int, seed: int, alpha=None,
+                    temperature=None) -> dict:
+  """The hyperparameters of one model; the teacher has no alpha or temperature."""
+  values = {"role": role, "params": int(params), "batch_size": int(batch_size),
+            "seed": int(seed)}
+  if alpha is not None:
+    values["alpha"] = float(alpha)
+  if temperature is not None:
+    values["temperature"] = float(temperature)
+  return values
+
+
+def experiment_config_pb():
+  """hp.hparams_config's Summary proto, with the VARYING hyperparameters marked `differs`."""
+  summary = hp.hparams_config_pb(hparams=list(HPARAMS), metrics=list(METRICS),
+                                 time_created_secs=0.0)  # identical bytes in every session
+  plugin_data = summary.value[0].metadata.plugin_data
+  content = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
+  for info in content.experiment.hparam_infos:
+    info.differs = info.name in VARYING
+  plugin_data.content = content.SerializeToString()
+  return summary
+
+
+def write_session(writer, name: str, values: dict) -> None:
+  """Writes the (shared) experiment config and this model's session start info."""
+  with writer.as_default(step=0):
+    tf.summary.experimental.write_raw_pb(experiment_config_pb().SerializeToString(), step=0)
+    hp.hparams(values, trial_id=name)
