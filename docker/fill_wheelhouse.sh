@@ -55,6 +55,7 @@ for r in "${reqs[@]}"; do req_args+=(-r "$r"); done
 touch "$dir/.complete"
 # Keep the cache bounded: of the other wheelhouses of this variant, keep only the newest one.
 parent=$(dirname "$dir")
-ls -1dt "$parent"/wheelhouse-"$variant"-py* 2>/dev/null | grep -vxF "$dir" | tail -n +2 |
-  while read -r old; do rm -rf "$old"; done
+for old in $(ls -1dt "$parent"/wheelhouse-"$variant"-py* | { grep -vxF "$dir" || true; } | tail -n +2); do
+  rm -rf "$old"
+done
 echo "$dir"
