@@ -1,0 +1,122 @@
+"""The benchmark and its notebook baseline: it runs and reports every row (no timing asserted),
+the baseline computes the project's loss, and the accuracy table aggregates over seeds."""
+
+import json
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import MNIST_DIR, REPO, cli_env
+from trainer import benchmark, idx, models, notebook_baseline
+from trainer.distiller import Distiller
+from trainer.pipeline import normalize_images
+
+sys.path.insert(0, f"{REPO}/scripts")
+import accuracy_table  # noqa: E402
+
+
+def test_benchmark_smoke_prints_every_row(tmp_path):
+  json_out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "scripts/benchmark.py", f"--idx_dir={MNIST_DIR}", "--examples=256",
+       "--runs=1", "--warmup=1", "--batch_sizes=32,128", f"--workdir={tmp_path / 'work'}",
+       f"--json_out={json_out}",
+       "--subset_job_args=--max_train_examples=256 --validation_examples=64 "
+       "--max_test_examples=64 --teacher_epochs=1 --student_epochs=1 --batch_size=64 "
+       "--student=distilled:alpha=0.5"],
+      cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = proc.stdout
+  assert ("| phase | notebook, batch 32 (img/s) | ours, batch 32 (img/s) | ours/notebook | "
+          "ours, batch 128 (img/s) | ours/notebook |") in out
+  for phase in benchmark.PHASES:
+    row = re.search(rf"^\| {re.escape(phase)} \|(.*)\|$", out, re.M)
+    assert row, phase
+    cells = [c.strip() for c in row.group(1).split("|")]
+    assert len(cells) == 5 and all(re.fullmatch(r"[\d,]+", cells[i]) for i in (0, 1, 3))
+    assert all(re.fullmatch(r"\d+\.\d\dx", cells[i]) for i in (2, 4)), cells
+  assert re.search(r"^- distillation at batch 32: \d+\.\d\dx \(target >= 4x\): (met|MISSED)$",
+                   out, re.M)
+  assert re.search(r"^- teacher training at batch 32: \d+\.\d\dx \(target >= 1.5x\)", out, re.M)
+  rss = re.search(r"^- default job \(subset .*\): wall \d+ s, peak RSS (\d+) MiB$", out, re.M)
+  assert rss and int(rss.group(1)) > 100, out  # a TensorFlow process: hundreds of MiB
+  assert "EXTRAPOLATED" in out
+  report = json.loads(json_out.read_text())
+  assert set(report["median"]) == set(benchmark.PHASES)
+  assert set(report["median"]["distillation"]) == {"baseline", "ours@32", "ours@128"}
+  assert all(len(v) == 2 for v in report["throughput"]["distillation"].values())  # warm-up + 1
+  assert report["default_job"]["returncode"] == 0
+
+
+def test_baseline_distiller_computes_the_project_loss():
+  """Same teacher, student and batch: the notebook-style loss (teacher run inside the step)
+  equals our Distiller's loss on cached logits, for several alpha and T."""
+  images, labels = idx.load_split(MNIST_DIR, "test")
+  x, y = normalize_images(images[:32]), tf.constant(labels[:32].astype(np.int64))
+  keras.utils.set_random_seed(0)
+  teacher = models.build_teacher()
+  logits = teacher(x, training=False)
+  for alpha, temperature in ((0.0, 4.0), (0.5, 2.0), (0.9, 8.0), (1.0, 4.0)):
+    baseline = notebook_baseline.make_distiller(teacher, alpha, temperature)
+    ours = Distiller(baseline.student)
+    ours.compile(optimizer="adam", alpha=alpha, temperature=temperature)
+    student_logits = baseline.student(x, training=True)
+    expected = tf.nn.compute_average_loss(
+        ours._per_example_losses((x, y, logits), student_logits)[0])
+    got = baseline.compute_distillation_loss(x, y, student_logits)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5), (alpha, temperature)
+
+
+def test_notebook_extrapolation_adds_up_its_schedule():
+  def timings(rate):
+    return benchmark.Timings(values=[1.0, rate, rate], warmup=1)
+  phases = {"teacher training": {"baseline": timings(2000.0)},
+            "distillation": {"baseline": timings(1000.0)},
+            "evaluation (teacher)": {"baseline": timings(10_000.0)},
+            "evaluation (student)": {"baseline": timings(20_000.0)}}
+  parts = benchmark.extrapolate_notebook(phases)
+  assert parts["teacher"] == pytest.approx(20 * 60_000 / 2000)
+  assert parts["students"] == pytest.approx(3 * 5 * 60_000 / 1000)
+  assert parts["evaluation"] == pytest.approx(1.0 + 3 * 0.5)
+  assert parts["total"] == pytest.approx(600 + 900 + 2.5)
+
+
+def _summary(seed, accuracies, batch_size=256):
+  models_ = [{"name": "teacher", "role": "teacher", "alpha": None, "temperature": None,
+              "test_accuracy": accuracies[0], "test_errors": round((1 - accuracies[0]) * 1e4)}]
+  for (name, alpha, temperature), accuracy in zip(
+      (("labels_only", 0.0, 4.0), ("a05_t4", 0.5, 4.0)), accuracies[1:]):
+    models_.append({"name": name, "role": "student", "alpha": alpha,
+                    "temperature": temperature, "test_accuracy": accuracy,
+                    "test_errors": round((1 - accuracy) * 1e4)})
+  return {"dataset": "idx:mnist", "precision": "float32", "tensorflow": "2", "keras": "3",
+          "flags": {"seed": seed, "model_dir": f"/tmp/s{seed}", "batch_size": batch_size},
+          "models": models_}
+
+
+def test_accuracy_table_mean_and_sd_over_seeds(tmp_path, capsys):
+  runs = []
+  for seed, accuracies in ((1, (0.99, 0.98, 0.985)), (2, (0.992, 0.982, 0.987)),
+                           (3, (0.994, 0.984, 0.989))):
+    folder = tmp_path / f"s{seed}"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(_summary(seed, accuracies)))
+    runs.append(str(folder))
+  assert accuracy_table.main([*runs, "--command", "mnist-distill --seed=S"]) == 0
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  assert lines[2] == "| teacher | teacher |  |  | 99.20 ± 0.20 | 80.0 | 3 |"
+  assert lines[3] == "| labels_only | student | 0 |  | 98.20 ± 0.20 | 180.0 | 3 |"
+  assert lines[4] == "| a05_t4 | student | 0.5 | 4 | 98.70 ± 0.20 | 130.0 | 3 |"
+  assert "seeds 1, 2, 3" in out and "Command: `mnist-distill --seed=S`" in out
+
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "results.json").write_text(json.dumps(_summary(4, (0.99, 0.98, 0.98), 128)))
+  assert accuracy_table.main([runs[0], str(other)]) == 1  # not replicas of one experiment
+  assert "batch_size" in capsys.readouterr().err

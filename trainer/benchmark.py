@@ -1,0 +1,377 @@
+"""Throughput of this project's training path against the notebook's, in one process.
+
+    python -m trainer.benchmark --idx_dir=/work/shared/data/mnist [--job=full] [--notebook=full]
+
+On the same real-MNIST subset and in the same process, it alternates runs of
+  * the baseline (trainer/notebook_baseline.py): Keras `Model.fit`/`evaluate` on numpy float
+    arrays at batch 32, the teacher run inside every distillation step; and
+  * ours: ArrayPipeline + TrainingLoop (STEPS_PER_CALL steps per tf.function call), students
+    fed the teacher logits computed once; at batch 32 and at the default batch size,
+and prints images/second for teacher training, distillation and evaluation, each the median of
+`--runs` runs after `--warmup` runs (which pay for tracing), with the ratio ours/baseline.
+Training is timed per epoch of the subset, each side including its own per-epoch input
+pipeline setup (fit's numpy adapter, our dataset and iterator); ours excludes its per-epoch
+validation and checkpoint, which fit does not do.
+
+Then it runs the default job in a subprocess (a small subset, or `--job=full`: the real
+default job on full MNIST) for its peak memory (max RSS) and wall time, and compares the full
+job with the notebook's schedule (20 teacher epochs + three 5-epoch students at batch 32):
+extrapolated from the measured baseline throughput unless `--notebook=full` runs it for real.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import evaluation, idx, models, notebook_baseline
+from trainer.classifier import Classifier
+from trainer.distiller import Distiller
+from trainer.flags import DEFAULT_STUDENTS
+from trainer.loop import Evaluator, LoopConfig, TrainingLoop
+from trainer.pipeline import ArrayPipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BATCH_SIZE = 256  # the job's --batch_size default (trainer/flags.py)
+NOTEBOOK_TRAIN_EXAMPLES = 60_000  # the notebook trains on the whole MNIST training split
+NOTEBOOK_TEST_EXAMPLES = 10_000
+# What the default job's subprocess gets for the memory measurement when not --job=full.
+SUBSET_JOB_ARGS = ("--max_train_examples=8192", "--validation_examples=1024",
+                   "--max_test_examples=2048", "--teacher_epochs=1", "--student_epochs=1")
+PHASES = ("teacher training", "distillation", "evaluation (teacher)", "evaluation (student)")
+TARGETS = {"teacher training": 1.5, "distillation": 4.0}  # ours/baseline at equal batch size
+
+
+@dataclasses.dataclass
+class Timings:
+  """Images/second of every run of one (phase, variant), warm-up runs included."""
+
+  values: list = dataclasses.field(default_factory=list)
+  warmup: int = 1
+
+  def median(self) -> float:
+    kept = self.values[self.warmup:] or self.values
+    return float(statistics.median(kept))
+
+
+def _images_per_second(count, seconds):
+  return count / max(seconds, 1e-9)
+
+
+class _OursTrainer:
+  """One model trained by our loop; each `epoch()` trains one more epoch of the subset."""
+
+  def __init__(self, model, net, images, labels, batch_size, extras, workdir):
+    train = ArrayPipeline(images, labels, batch_size, 1, extras)
+    small = slice(0, batch_size)  # validation is not timed: keep it to one batch
+    validation = ArrayPipeline(images[small], labels[small], batch_size, 1,
+                               None if extras is None else extras[small])
+    self.loop = TrainingLoop(model, net, tf.distribute.get_strategy(), train, validation,
+                             tempfile.mkdtemp(dir=workdir), LoopConfig(epochs=0, seed=0))
+
+  def epoch(self) -> float:
+    self.loop.config.epochs += 1
+    return self.loop.run()[-1]["examples_per_second"]
+
+
+class _OursEvaluator:
+  def __init__(self, model, images, labels, batch_size, extras=None):
+    self.evaluate = Evaluator(model, tf.distribute.get_strategy())
+    self.pipeline = ArrayPipeline(images, labels, batch_size, 1, extras)
+    self.count = len(labels)
+
+  def run(self) -> float:
+    started = time.perf_counter()
+    self.evaluate(self.pipeline)
+    return _images_per_second(self.count, time.perf_counter() - started)
+
+
+def _fit_run(model, x, y):
+  started = time.perf_counter()
+  model.fit(x, y, batch_size=notebook_baseline.BATCH_SIZE, epochs=1, verbose=0)
+  return _images_per_second(len(y), time.perf_counter() - started)
+
+
+def _evaluate_run(model, x, y):
+  started = time.perf_counter()
+  model.evaluate(x, y, batch_size=notebook_baseline.BATCH_SIZE, verbose=0)
+  return _images_per_second(len(y), time.perf_counter() - started)
+
+
+def _alternate(variants: dict, runs: int, warmup: int) -> dict:
+  """Runs every variant once per round, `warmup + runs` rounds; {variant: Timings}."""
+  timings = {name: Timings(warmup=warmup) for name in variants}
+  for round_ in range(warmup + runs):
+    for name, run in variants.items():
+      timings[name].values.append(run())
+      logging.info("round %d %s: %.0f images/s", round_ + 1, name, timings[name].values[-1])
+  return timings
+
+
+def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAULT_BATCH_SIZE),
+                       workdir=None, alpha=0.5, temperature=4.0) -> dict:
+  """{phase: {variant: Timings}} for baseline and ours at each batch size; plus the time the
+  one-off teacher-logits computation took."""
+  keras.mixed_precision.set_dtype_policy("float32")
+  workdir = workdir or tempfile.mkdtemp(prefix="mnist-distill-bench-")
+  x, y = notebook_baseline.float_images(images), labels.astype(np.int64)
+  labels = labels.astype(np.int64)
+  results = {}
+
+  keras.utils.set_random_seed(0)
+  baseline_teacher = notebook_baseline.compile_teacher(models.build_teacher())
+  variants = {"baseline": lambda: _fit_run(baseline_teacher, x, y)}
+  for batch in batch_sizes:
+    keras.utils.set_random_seed(0)
+    net = models.build_teacher()
+    model = Classifier(net)
+    model.compile(optimizer=keras.optimizers.Adam())
+    variants[f"ours@{batch}"] = _OursTrainer(model, net, images, labels, batch, None,
+                                             workdir).epoch
+  results["teacher training"] = _alternate(variants, runs, warmup)
+
+  teacher = baseline_teacher  # trained above: the same teacher for both sides from here on
+  started = time.perf_counter()
+  cached = evaluation.predict_logits(teacher, images)
+  logits_seconds = time.perf_counter() - started
+
+  keras.utils.set_random_seed(0)
+  baseline_distiller = notebook_baseline.make_distiller(teacher, alpha, temperature)
+  variants = {"baseline": lambda: _fit_run(baseline_distiller, x, y)}
+  students = {}
+  for batch in batch_sizes:
+    keras.utils.set_random_seed(0)
+    net = models.build_student()
+    distiller = Distiller(net)
+    distiller.compile(optimizer=keras.optimizers.Adam(), alpha=alpha, temperature=temperature)
+    students[batch] = distiller
+    variants[f"ours@{batch}"] = _OursTrainer(distiller, net, images, labels, batch, cached,
+                                             workdir).epoch
+  results["distillation"] = _alternate(variants, runs, warmup)
+
+  teacher_model = Classifier(teacher)
+  teacher_model.compile()
+  variants = {"baseline": lambda: _evaluate_run(teacher, x, y)}
+  for batch in batch_sizes:
+    variants[f"ours@{batch}"] = _OursEvaluator(teacher_model, images, labels, batch).run
+  results["evaluation (teacher)"] = _alternate(variants, runs, warmup)
+
+  variants = {"baseline": lambda: _evaluate_run(baseline_distiller, x, y)}
+  for batch in batch_sizes:
+    variants[f"ours@{batch}"] = _OursEvaluator(students[batch], images, labels, batch,
+                                               cached).run
+  results["evaluation (student)"] = _alternate(variants, runs, warmup)
+  return {"phases": results, "teacher_logits_seconds": logits_seconds,
+          "teacher_logits_images": int(len(labels))}
+
+
+def run_subprocess(argv, workdir, name) -> dict:
+  """Runs argv from the repo root; returns wall seconds, peak RSS (MiB) and exit code.
+
+  os.wait4 gives the resource usage of exactly this child (RUSAGE_CHILDREN would fold in every
+  child this process ever waited for)."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             TF_CPP_MIN_LOG_LEVEL="2")
+  log_path = os.path.join(workdir, f"{name}.log")
+  out_path = os.path.join(workdir, f"{name}.out")
+  started = time.perf_counter()
+  with open(log_path, "w") as log, open(out_path, "w") as out:
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=log)
+    _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  seconds = time.perf_counter() - started
+  with open(out_path) as f:
+    stdout = f.read()
+  return {"wall_seconds": seconds, "max_rss_mib": usage.ru_maxrss / 1024.0,
+          "returncode": proc.returncode, "stdout": stdout, "log": log_path}
+
+
+def run_default_job(idx_dir, workdir, full: bool, subset_args=SUBSET_JOB_ARGS) -> dict:
+  """The default job (teacher + default students) in a subprocess; adds test accuracies."""
+  model_dir = os.path.join(workdir, "job-full" if full else "job-subset")
+  argv = [sys.executable, "-m", "trainer", f"--idx_dir={idx_dir}", f"--model_dir={model_dir}"]
+  if not full:
+    argv += list(subset_args)
+  report = run_subprocess(argv, workdir, "job")
+  report["args"] = argv[3:]
+  report["test_accuracy"] = {}
+  if report["returncode"] == 0:
+    with open(os.path.join(model_dir, "results.json")) as f:
+      summary = json.load(f)
+    report["test_accuracy"] = {m["name"]: m["test_accuracy"] for m in summary["models"]}
+  return report
+
+
+def run_notebook(idx_dir, workdir) -> dict:
+  report = run_subprocess([sys.executable, "-m", "trainer.notebook_baseline",
+                           f"--idx_dir={idx_dir}"], workdir, "notebook")
+  if report["returncode"] == 0:
+    report.update(json.loads(report["stdout"].strip().splitlines()[-1]))
+  return report
+
+
+def extrapolate_notebook(phases) -> dict:
+  """Seconds the notebook's schedule would take at the measured baseline throughputs."""
+  def rate(phase):
+    return phases[phase]["baseline"].median()
+  parts = {
+      "teacher": notebook_baseline.TEACHER_EPOCHS * NOTEBOOK_TRAIN_EXAMPLES
+                 / rate("teacher training"),
+      "students": len(notebook_baseline.STUDENTS) * notebook_baseline.STUDENT_EPOCHS
+                  * NOTEBOOK_TRAIN_EXAMPLES / rate("distillation"),
+      "evaluation": NOTEBOOK_TEST_EXAMPLES * (1 / rate("evaluation (teacher)") + len(
+          notebook_baseline.STUDENTS) / rate("evaluation (student)")),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+# ---- report ----
+def _fmt_ratio(ours, base):
+  return f"{ours / base:.2f}x"
+
+
+def throughput_table(phases, batch_sizes) -> str:
+  header = ["phase", "notebook, batch 32 (img/s)"]
+  for batch in batch_sizes:
+    header += [f"ours, batch {batch} (img/s)", "ours/notebook"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for phase in PHASES:
+    timings = phases[phase]
+    base = timings["baseline"].median()
+    row = [phase, f"{base:,.0f}"]
+    for batch in batch_sizes:
+      ours = timings[f"ours@{batch}"].median()
+      row += [f"{ours:,.0f}", _fmt_ratio(ours, base)]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def target_lines(phases) -> list:
+  lines = []
+  for phase, target in TARGETS.items():
+    ratio = (phases[phase]["ours@32"].median() / phases[phase]["baseline"].median())
+    verdict = "met" if ratio >= target else "MISSED"
+    lines.append(f"- {phase} at batch 32: {ratio:.2f}x (target >= {target:g}x): {verdict}")
+  return lines
+
+
+def end_to_end_lines(job, notebook, extrapolated) -> list:
+  lines = []
+  label = "full MNIST" if job.get("full") else "subset " + " ".join(job["args"][2:])
+  ok = job["returncode"] == 0
+  lines.append(f"- default job ({label}): wall {job['wall_seconds']:.0f} s, peak RSS "
+               f"{job['max_rss_mib']:.0f} MiB" + ("" if ok else
+                                                  f", FAILED (exit {job['returncode']})"))
+  if ok and job["test_accuracy"]:
+    lines.append("  test accuracy: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in sorted(job["test_accuracy"].items())))
+  e = extrapolated
+  lines.append(f"- notebook schedule, EXTRAPOLATED from the baseline throughput above: "
+               f"{e['total']:.0f} s (teacher {e['teacher']:.0f} s, students {e['students']:.0f} "
+               f"s, evaluation {e['evaluation']:.0f} s)")
+  if notebook is not None:
+    ok_nb = notebook["returncode"] == 0
+    lines.append(f"- notebook schedule, MEASURED: wall {notebook['wall_seconds']:.0f} s, peak "
+                 f"RSS {notebook['max_rss_mib']:.0f} MiB" + (
+                     "" if ok_nb else f", FAILED (exit {notebook['returncode']})"))
+    if ok_nb:
+      lines.append("  test accuracy: " + ", ".join(
+          f"{k} {v:.4f}" for k, v in sorted(notebook["test_accuracy"].items())))
+  if job.get("full") and ok:
+    reference = notebook["wall_seconds"] if notebook and notebook["returncode"] == 0 \
+        else e["total"]
+    kind = "measured" if notebook and notebook["returncode"] == 0 else "extrapolated"
+    share = job["wall_seconds"] / reference
+    lines.append(f"- ours/notebook wall time: {share:.2f} ({kind} notebook; target <= 0.33): "
+                 + ("met" if share <= 1 / 3 else "MISSED"))
+  return lines
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--idx_dir", default=os.environ.get("MNIST_DIR"),
+                      help="folder with the four MNIST IDX files (default: $MNIST_DIR)")
+  parser.add_argument("--examples", type=int, default=12_800,
+                      help="training images per timed run (a multiple of every batch size)")
+  parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median)")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (tracing)")
+  parser.add_argument("--batch_sizes", default=f"32,{DEFAULT_BATCH_SIZE}",
+                      help="our batch sizes; the first must be the notebook's 32")
+  parser.add_argument("--job", choices=("subset", "full", "none"), default="subset",
+                      help="run the default job on a subset (peak memory) or on full MNIST "
+                           "(also end-to-end wall time), or not at all")
+  parser.add_argument("--subset_job_args", default=" ".join(SUBSET_JOB_ARGS),
+                      help="extra flags of the --job=subset run")
+  parser.add_argument("--notebook", choices=("extrapolate", "full"), default="extrapolate",
+                      help="full: also run the notebook's whole schedule (about 15+ minutes)")
+  parser.add_argument("--workdir", default=None)
+  parser.add_argument("--json_out", default=None, help="also write every measurement here")
+  args = parser.parse_args(argv)
+  if not args.idx_dir:
+    parser.error("--idx_dir (or $MNIST_DIR) is required")
+  batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+  if batch_sizes[0] != notebook_baseline.BATCH_SIZE:
+    parser.error("--batch_sizes must start with 32, the notebook's batch size")
+  if any(args.examples % b for b in batch_sizes):
+    parser.error("--examples must be a multiple of every batch size")
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  tf.get_logger().setLevel("ERROR")  # each measured variant traces its own functions once
+  workdir = args.workdir or tempfile.mkdtemp(prefix="mnist-distill-bench-")
+  os.makedirs(workdir, exist_ok=True)
+
+  images, labels = idx.load_split(args.idx_dir, "train")
+  if len(labels) < args.examples:
+    parser.error(f"--examples={args.examples} is more than the {len(labels)} training images")
+  images, labels = images[:args.examples], labels[:args.examples]
+  started = time.strftime("%Y-%m-%d %H:%M %Z")
+  measured = measure_throughput(images, labels, args.runs, args.warmup, batch_sizes, workdir)
+  phases = measured["phases"]
+  job = None if args.job == "none" else run_default_job(
+      args.idx_dir, workdir, args.job == "full", args.subset_job_args.split())
+  if job is not None:
+    job["full"] = args.job == "full"
+  notebook = run_notebook(args.idx_dir, workdir) if args.notebook == "full" else None
+  extrapolated = extrapolate_notebook(phases)
+
+  cpu = os.cpu_count()
+  print(f"## Benchmark: notebook baseline vs ours ({started}, {cpu} CPU cores, "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__})")
+  print(f"{args.examples} real MNIST training images per run; median of {args.runs} runs "
+        f"after {args.warmup} warm-up; runs of each variant alternate.")
+  print()
+  print(throughput_table(phases, batch_sizes))
+  print()
+  print(f"- teacher logits cached once: {measured['teacher_logits_images']} images in "
+        f"{measured['teacher_logits_seconds']:.2f} s")
+  for line in target_lines(phases):
+    print(line)
+  if job is not None:
+    for line in end_to_end_lines(job, notebook, extrapolated):
+      print(line)
+  if args.json_out:
+    payload = {
+        "date": started, "cpu_count": cpu, "examples": args.examples, "runs": args.runs,
+        "warmup": args.warmup, "batch_sizes": batch_sizes,
+        "throughput": {p: {v: t.values for v, t in vs.items()} for p, vs in phases.items()},
+        "median": {p: {v: t.median() for v, t in vs.items()} for p, vs in phases.items()},
+        "teacher_logits_seconds": measured["teacher_logits_seconds"],
+        "default_job": job, "notebook": notebook, "notebook_extrapolated": extrapolated,
+        "default_students": list(DEFAULT_STUDENTS)}
+    with open(args.json_out, "w") as f:
+      json.dump(payload, f, indent=1, default=str)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
