@@ -120,7 +120,7 @@ def test_hparams_metrics_equal_the_results(smoke_run):
     test = _scalars(f"{root}/logs/{name}/test")
     assert test["accuracy"] == {EPOCHS: pytest.approx(result["test_accuracy"], abs=1e-7)}
     assert test["errors"] == {EPOCHS: result["test_errors"]}
-    assert test["loss"] == {EPOCHS: pytest.approx(result["test_loss"], rel=1e-6)}
+    assert test["cross_entropy"] == {EPOCHS: pytest.approx(result["test_loss"], rel=1e-6)}
     validation = _scalars(f"{root}/logs/{name}/validation")["accuracy"]
     assert validation[max(validation)] == pytest.approx(result["validation_accuracy"], abs=1e-7)
     seconds = _scalars(f"{root}/logs/{name}/train")["train_seconds"]
@@ -132,9 +132,10 @@ def test_hparams_metrics_equal_the_results(smoke_run):
 def test_teacher_and_students_share_scalar_tags(smoke_run):
   """Same tag in the same run kind for every model: one chart holds the teacher and students."""
   root = smoke_run["model_dir"]
-  common = {"train": {"loss", "accuracy", "learning_rate", "examples_per_second",
-                      "train_seconds"},
-            "validation": {"loss", "accuracy"}, "test": {"loss", "accuracy", "errors"}}
+  common = {"train": {"loss", "accuracy", "cross_entropy", "learning_rate",
+                      "examples_per_second", "train_seconds"},
+            "validation": {"loss", "accuracy", "cross_entropy"},
+            "test": {"accuracy", "errors", "cross_entropy"}}
   for name, result in _models(root).items():
     for run, tags in common.items():
       scalars = _scalars(f"{root}/logs/{name}/{run}")
@@ -144,6 +145,11 @@ def test_teacher_and_students_share_scalar_tags(smoke_run):
     train = _scalars(f"{root}/logs/{name}/train")
     distillation = {"distillation_loss", "student_loss"}
     assert (distillation <= set(train)) == (result["role"] == "student"), name
+    # cross_entropy: the labels' cross-entropy for everyone (a student's loss adds distillation)
+    for run in ("train", "validation"):
+      scalars = _scalars(f"{root}/logs/{name}/{run}")
+      same = scalars["student_loss" if result["role"] == "student" else "loss"]
+      assert scalars["cross_entropy"] == pytest.approx(same, rel=1e-6), (name, run)
     learning_rate = train["learning_rate"]
     assert learning_rate[2] < learning_rate[1]  # cosine decay
 
@@ -338,7 +344,7 @@ def _browser_or_skip():
                  "train_seconds", "Number of matching session groups: 4"]),
     # Time Series (the scalars): every model's runs in one list, one chart per tag.
     ("timeseries", ["teacher/train", "teacher/validation", "distilled/train",
-                    "labels_only/validation", "teacher_only/test", "accuracy",
+                    "labels_only/validation", "teacher_only/test", "accuracy", "cross_entropy",
                     "distillation_loss", "student_loss", "learning_rate"]),
     ("images", ["confusion_matrix", "best_student_errors", "teacher/test", "_comparison"]),
 ])

@@ -1,8 +1,8 @@
 """TensorBoard logs of one model: logs/<model>/{train,validation,test} and the HParams session.
 
-Train, validation and test use the same tag names (loss, accuracy) in three runs, so TensorBoard
-draws them on one chart, and every model's runs sit side by side under logs/: the teacher's
-curves appear beside the students' on each chart. Steps are epochs; the final test scalars and
+Train, validation and test use the same tag names (accuracy, cross_entropy) in three runs, so
+TensorBoard draws them on one chart, and every model's runs sit side by side under logs/: the
+teacher's curves appear beside the students' on each chart. Steps are epochs; the final test scalars and
 the confusion matrix are written at the last epoch's step. The folder logs/<model> itself is
 the model's HParams session (see trainer/hparams_logging.py), and the train run also holds the
 model's graph and, with --profile_steps, a profiler trace (train/plugins/profile).
@@ -14,6 +14,18 @@ import os
 import tensorflow as tf
 
 from trainer import figures, hparams_logging
+
+
+# `loss` is what each model minimizes: for a student that includes the distillation term, so it
+# is not comparable with the teacher's. `cross_entropy` is the same quantity for every model.
+CROSS_ENTROPY = "cross_entropy"
+CROSS_ENTROPY_DESCRIPTION = ("cross-entropy with the true labels, comparable across the teacher "
+                             "and the students (a student's `loss` adds the distillation term)")
+
+
+def label_cross_entropy(metrics: dict) -> float:
+  """Cross-entropy with the labels: a Distiller's student_loss, a Classifier's loss."""
+  return metrics["student_loss"] if "student_loss" in metrics else metrics["loss"]
 
 
 def png_summary_image(png: bytes):
@@ -61,6 +73,8 @@ class ModelLogs:
     with self.train.as_default(step=step):
       for tag, value in record["train"].items():
         tf.summary.scalar(tag, value)
+      tf.summary.scalar(CROSS_ENTROPY, label_cross_entropy(record["train"]),
+                        description=CROSS_ENTROPY_DESCRIPTION)
       tf.summary.scalar("learning_rate", record["learning_rate"])
       tf.summary.scalar("examples_per_second", record["examples_per_second"])
       if "train_seconds" in record:
@@ -68,6 +82,8 @@ class ModelLogs:
     with self.validation.as_default(step=step):
       for tag, value in record["validation"].items():
         tf.summary.scalar(tag, value)
+      tf.summary.scalar(CROSS_ENTROPY, label_cross_entropy(record["validation"]),
+                        description=CROSS_ENTROPY_DESCRIPTION)
     self.flush()
 
   def flush(self) -> None:
@@ -89,7 +105,7 @@ def write_test(log_root: str, name: str, step: int, report: dict, labels, predic
   with writer.as_default(step=step):
     tf.summary.scalar("accuracy", report["test_accuracy"])
     tf.summary.scalar("errors", report["test_errors"])
-    tf.summary.scalar("loss", report["test_loss"])
+    tf.summary.scalar(CROSS_ENTROPY, report["test_loss"], description=CROSS_ENTROPY_DESCRIPTION)
     tf.summary.image("confusion_matrix", png_summary_image(png),
                      description="rows: true digit, columns: predicted digit (test split)")
   writer.close()
