@@ -71,17 +71,41 @@ def _images_per_second(count, seconds):
 class _OursTrainer:
   """One model trained by our loop; each `epoch()` trains one more epoch of the subset."""
 
-  def __init__(self, model, net, images, labels, batch_size, extras, workdir):
+  def __init__(self, model, net, images, labels, batch_size, extras, workdir,
+               jit_compile=False):
     train = ArrayPipeline(images, labels, batch_size, 1, extras)
     small = slice(0, batch_size)  # validation is not timed: keep it to one batch
     validation = ArrayPipeline(images[small], labels[small], batch_size, 1,
                                None if extras is None else extras[small])
     self.loop = TrainingLoop(model, net, tf.distribute.get_strategy(), train, validation,
-                             tempfile.mkdtemp(dir=workdir), LoopConfig(epochs=0, seed=0))
+                             tempfile.mkdtemp(dir=workdir),
+                             LoopConfig(epochs=0, seed=0, jit_compile=jit_compile))
 
   def epoch(self) -> float:
     self.loop.config.epochs += 1
     return self.loop.run()[-1]["examples_per_second"]
+
+
+# Extra modes of ours, measured at the default batch size: (precision policy, jit_compile).
+EXTRA_MODES = {"xla": ("float32", True), "bf16": ("mixed_bfloat16", False),
+               "fp16": ("mixed_float16", False)}
+
+
+def _ours_variants(build, images, labels, batch_sizes, extras, workdir, extra_modes):
+  """{variant: run} for our loop at each batch size, then each extra mode at the last one.
+
+  `build()` returns (model, net) compiled under the current dtype policy."""
+  variants = {}
+  runs = [(f"ours@{batch}", batch, "float32", False) for batch in batch_sizes]
+  runs += [(f"ours@{batch_sizes[-1]} {mode}", batch_sizes[-1], *EXTRA_MODES[mode])
+           for mode in extra_modes]
+  for name, batch, policy, jit in runs:
+    keras.mixed_precision.set_dtype_policy(policy)  # layers keep the policy they were built in
+    keras.utils.set_random_seed(0)
+    model, net = build()
+    variants[name] = _OursTrainer(model, net, images, labels, batch, extras, workdir, jit).epoch
+    keras.mixed_precision.set_dtype_policy("float32")
+  return variants
 
 
 class _OursEvaluator:
@@ -119,7 +143,7 @@ def _alternate(variants: dict, runs: int, warmup: int) -> dict:
 
 
 def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAULT_BATCH_SIZE),
-                       workdir=None, alpha=0.5, temperature=4.0) -> dict:
+                       workdir=None, alpha=0.5, temperature=4.0, extra_modes=()) -> dict:
   """{phase: {variant: Timings}} for baseline and ours at each batch size; plus the time the
   one-off teacher-logits computation took."""
   keras.mixed_precision.set_dtype_policy("float32")
@@ -130,14 +154,16 @@ def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAUL
 
   keras.utils.set_random_seed(0)
   baseline_teacher = notebook_baseline.compile_teacher(models.build_teacher())
-  variants = {"baseline": lambda: _fit_run(baseline_teacher, x, y)}
-  for batch in batch_sizes:
-    keras.utils.set_random_seed(0)
+
+  def build_teacher():
     net = models.build_teacher()
     model = Classifier(net)
     model.compile(optimizer=keras.optimizers.Adam())
-    variants[f"ours@{batch}"] = _OursTrainer(model, net, images, labels, batch, None,
-                                             workdir).epoch
+    return model, net
+
+  variants = {"baseline": lambda: _fit_run(baseline_teacher, x, y)}
+  variants.update(_ours_variants(build_teacher, images, labels, batch_sizes, None, workdir,
+                                 extra_modes))
   results["teacher training"] = _alternate(variants, runs, warmup)
 
   teacher = baseline_teacher  # trained above: the same teacher for both sides from here on
@@ -147,16 +173,19 @@ def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAUL
 
   keras.utils.set_random_seed(0)
   baseline_distiller = notebook_baseline.make_distiller(teacher, alpha, temperature)
-  variants = {"baseline": lambda: _fit_run(baseline_distiller, x, y)}
-  students = {}
-  for batch in batch_sizes:
-    keras.utils.set_random_seed(0)
+  built = []  # in _ours_variants' order: one per batch size first (float32, no XLA)
+
+  def build_student():
     net = models.build_student()
     distiller = Distiller(net)
     distiller.compile(optimizer=keras.optimizers.Adam(), alpha=alpha, temperature=temperature)
-    students[batch] = distiller
-    variants[f"ours@{batch}"] = _OursTrainer(distiller, net, images, labels, batch, cached,
-                                             workdir).epoch
+    built.append(distiller)
+    return distiller, net
+
+  variants = {"baseline": lambda: _fit_run(baseline_distiller, x, y)}
+  variants.update(_ours_variants(build_student, images, labels, batch_sizes, cached, workdir,
+                                 extra_modes))
+  students = dict(zip(batch_sizes, built))
   results["distillation"] = _alternate(variants, runs, warmup)
 
   teacher_model = Classifier(teacher)
@@ -266,6 +295,21 @@ def target_lines(phases) -> list:
   return lines
 
 
+def mode_lines(phases, batch, extra_modes) -> list:
+  lines = []
+  for mode in extra_modes:
+    policy, jit = EXTRA_MODES[mode]
+    label = f"{policy}{', XLA' if jit else ''}"
+    parts = []
+    for phase in ("teacher training", "distillation"):
+      plain = phases[phase][f"ours@{batch}"].median()
+      other = phases[phase][f"ours@{batch} {mode}"].median()
+      parts.append(f"{phase} {other:,.0f} img/s = {other / plain:.2f}x")
+    lines.append(f"- ours at batch {batch} in {label} vs float32 without XLA: "
+                 + "; ".join(parts))
+  return lines
+
+
 def end_to_end_lines(job, notebook, extrapolated) -> list:
   lines = []
   label = "full MNIST" if job.get("full") else "subset " + " ".join(job["args"][2:])
@@ -308,6 +352,10 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (tracing)")
   parser.add_argument("--batch_sizes", default=f"32,{DEFAULT_BATCH_SIZE}",
                       help="our batch sizes; the first must be the notebook's 32")
+  parser.add_argument("--extra_modes", default="",
+                      help=f"comma-separated, of {sorted(EXTRA_MODES)}: also time ours in these "
+                           "modes at the last batch size (xla: jit_compile; bf16/fp16: mixed "
+                           "precision)")
   parser.add_argument("--job", choices=("subset", "full", "none"), default="subset",
                       help="run the default job on a subset (peak memory) or on full MNIST "
                            "(also end-to-end wall time), or not at all")
@@ -335,7 +383,12 @@ def main(argv=None):
     parser.error(f"--examples={args.examples} is more than the {len(labels)} training images")
   images, labels = images[:args.examples], labels[:args.examples]
   started = time.strftime("%Y-%m-%d %H:%M %Z")
-  measured = measure_throughput(images, labels, args.runs, args.warmup, batch_sizes, workdir)
+  extra_modes = [m for m in args.extra_modes.split(",") if m]
+  unknown = sorted(set(extra_modes) - set(EXTRA_MODES))
+  if unknown:
+    parser.error(f"--extra_modes: unknown {unknown}; choose from {sorted(EXTRA_MODES)}")
+  measured = measure_throughput(images, labels, args.runs, args.warmup, batch_sizes, workdir,
+                                extra_modes=extra_modes)
   phases = measured["phases"]
   job = None if args.job == "none" else run_default_job(
       args.idx_dir, workdir, args.job == "full", args.subset_job_args.split())
@@ -355,6 +408,8 @@ def main(argv=None):
   print(f"- teacher logits cached once: {measured['teacher_logits_images']} images in "
         f"{measured['teacher_logits_seconds']:.2f} s")
   for line in target_lines(phases):
+    print(line)
+  for line in mode_lines(phases, batch_sizes[-1], extra_modes):
     print(line)
   if job is not None:
     for line in end_to_end_lines(job, notebook, extrapolated):
