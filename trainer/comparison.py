@@ -102,8 +102,10 @@ def write_report(model_dir: str, models) -> list:
 
   students = [m for m in models if m.get("role") == "student"]
   if students:
+    # alpha=0 ignores the teacher, so its temperature means nothing: a line, like the teacher
+    by_temperature = [dict(m, temperature=None) if m.get("alpha") == 0 else m for m in models]
     add("Test accuracy against distillation temperature", "accuracy_vs_temperature.png",
-        figures.accuracy_png(models, "temperature", "temperature T",
+        figures.accuracy_png(by_temperature, "temperature", "temperature T",
                              "test accuracy against temperature (dashed: no temperature)"),
         "accuracy_vs_temperature")
     add("Test accuracy against parameter count", "accuracy_vs_params.png",
