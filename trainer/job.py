@@ -3,13 +3,20 @@
 Everything that can reject the input runs before the first training step. Finished models
 (a result.json marker) are reused, unfinished ones resume from their checkpoints; so rerunning
 the same command after preemption continues where the last run stopped.
+
+With a gs:// model_dir the bucket is the source of truth: before a model is trained its marker,
+or else its checkpoints and logs, are pulled exactly as the bucket has them (so a fresh disk
+resumes from the bucket alone), and each process syncs only the folders of the models it trains
+(syncs mirror deletions), so Indexed-Job pods can share one model_dir.
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -23,7 +30,7 @@ from trainer import (comparison, data, distribution, evaluation, export, hparams
                      results, storage, summaries)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
-from trainer.errors import UsageError
+from trainer.errors import Preempted, StorageError, UsageError
 from trainer.flags import Settings
 from trainer.loop import LoopConfig, TrainingLoop
 from trainer.pipeline import ArrayPipeline
@@ -97,6 +104,7 @@ class Job:
     self.storage.check()
     self.dir = self.storage.local_dir
     _ensure_writable(self.dir)
+    self.log_mirror = self._open_log_mirror()
     self.strategy = distribution.make_strategy(s.strategy, s.num_cpu_devices)
     self.chief = distribution.is_chief(self.strategy)
     self.replicas = self.strategy.num_replicas_in_sync
@@ -107,7 +115,6 @@ class Job:
     keras.mixed_precision.set_dtype_policy(self.precision)
     if s.deterministic:
       tf.config.experimental.enable_op_determinism()
-    self.storage.pull()
     if s.mode == "report":
       return
     if s.mode == "students":
@@ -123,10 +130,49 @@ class Job:
     if s.validation_examples == 0:
       raise UsageError("--validation_examples must be > 0: validation drives model selection")
 
+  def _open_log_mirror(self):
+    """Vertex AI: TensorBoard logs also go to $AIP_TENSORBOARD_LOG_DIR (the folder Vertex AI
+    TensorBoard streams from) when it is not <model_dir>/logs already. Checkpoints always stay
+    in <model_dir>/<model>/checkpoints, where resume looks: $AIP_CHECKPOINT_DIR is not used."""
+    target = os.environ.get("AIP_TENSORBOARD_LOG_DIR", "").strip().rstrip("/")
+    if not target or target == f"{self.settings.model_dir}/logs":
+      return None
+    if not storage.is_remote(target):
+      logging.warning("AIP_TENSORBOARD_LOG_DIR=%s is not a gs:// URL: not mirrored", target)
+      return None
+    mirror = storage.RunStorage(os.path.join(self.dir, "logs"), remote=target)
+    mirror.check()
+    logging.info("TensorBoard logs are mirrored to %s", target)
+    return mirror
+
+  def _sync_logs(self, name):
+    self.storage.sync(f"logs/{name}")
+    if self.log_mirror is not None:
+      self.log_mirror.sync(name)
+
+  def _pull_model(self, name, finished_needs=()):
+    """Brings model `name` from the bucket as it is there: its result.json marker (plus the
+    files in `finished_needs`) if finished, else its checkpoints and TensorBoard logs. Local
+    copies the bucket lacks are dropped. Returns the finished result or None."""
+    self.storage.pull(f"{name}/result.json", exact=True)
+    if results.read_model_result(self.dir, name):
+      for rel in finished_needs:
+        self.storage.pull(f"{name}/{rel}")
+    else:
+      self.storage.pull(f"{name}/checkpoints", exact=True)
+      self.storage.pull(f"logs/{name}", exact=True)
+    return results.read_model_result(self.dir, name)
+
+  def _check_stop(self, name):
+    if self.stop.requested:
+      raise Preempted(f"stopped before training {name}: nothing left to checkpoint")
+
   def _locate_teacher(self) -> str:
     s = self.settings
     if s.teacher_dir == f"{s.model_dir}/teacher":
       local = os.path.join(self.dir, TEACHER)
+      self.storage.pull(f"{TEACHER}/result.json", exact=True)
+      self.storage.pull(f"{TEACHER}/model.keras", exact=True)
     else:
       local = storage.fetch_to_local(s.teacher_dir)
     if not (os.path.isfile(os.path.join(local, "result.json"))
@@ -157,13 +203,14 @@ class Job:
     logs.write_graph(net)
 
     def on_checkpoint():
+      self.storage.raise_if_failed()  # the bucket is gone for good: stop, don't train unsaved
       if self.chief:
         self.storage.sync(f"{name}/checkpoints", last=("checkpoint",))
-        logs.flush()
-        self.storage.sync(f"logs/{name}")
 
     def on_epoch(record):
       logs.write_epoch(record)
+      if self.chief:
+        self._sync_logs(name)
       t, v = record["train"], record["validation"]
       logging.info("%s epoch %d/%d: loss %.4f accuracy %.4f | validation loss %.4f accuracy "
                    "%.4f | %.0f examples/s", name, record["epoch"], epochs, t["loss"],
@@ -177,8 +224,11 @@ class Job:
                         on_checkpoint=on_checkpoint, on_epoch=on_epoch,
                         should_stop=lambda: self.stop.requested)
     loop.restore()
-    history = loop.run()
-    logs.close()
+    try:
+      history = loop.run()
+    except Preempted as e:
+      raise Preempted(f"{name}: {e}") from None
+    logs.close()  # its last events go up with the model's folder in _finish
     validation_metrics = loop.evaluate(validation)
     return history, float(loop.train_seconds.numpy()), validation_metrics, train.steps_per_epoch
 
@@ -195,6 +245,11 @@ class Job:
     result.update(extra or {})
     if self.chief:
       folder = os.path.join(self.dir, name)
+      for stale in glob.glob(os.path.join(folder, "*.tmp-*")):  # left by a killed process
+        if os.path.isdir(stale):
+          shutil.rmtree(stale)
+        else:
+          os.remove(stale)
       predictions = logits.argmax(axis=-1)
       comparison.save_predictions(folder, self.splits.test_images, self.splits.test_labels,
                                   predictions)
@@ -205,20 +260,25 @@ class Job:
       export.export_saved_model(net, os.path.join(folder, "export"))
       export.save_keras(net, os.path.join(folder, "model.keras"))
       results.write_json_atomic(os.path.join(folder, "result.json"), result)
-      self.storage.sync(f"logs/{name}")  # the test run and its confusion matrix
+      self._sync_logs(name)
       self.storage.sync(name, last=("result.json",))
     logging.info("%s: test accuracy %.4f (%d errors), test loss %.4f", name,
                  result["test_accuracy"], result["test_errors"], result["test_loss"])
     return result
 
   def _seeded(self, build):
+    # Uploads draw from Python's global `random` (google-cloud-storage's multipart boundaries):
+    # let the upload threads go idle first, or initial weights would depend on network timing.
+    for target in (self.storage, self.log_mirror):
+      if target is not None:
+        target.flush()
     keras.utils.set_random_seed(self.settings.seed)
     with self.strategy.scope():
       return build()
 
   def run_teacher(self):
     s = self.settings
-    done = results.read_model_result(self.dir, TEACHER)
+    done = self._pull_model(TEACHER, finished_needs=("model.keras",))
     if done:
       logging.info("teacher already finished (%.4f test accuracy): reusing it",
                    done["test_accuracy"])
@@ -242,10 +302,18 @@ class Job:
       return keras.models.load_model(os.path.join(folder, "model.keras"), compile=False)
 
   def teacher_logits(self, teacher):
-    """Teacher logits on train and validation, computed once and kept in model_dir."""
-    folder = os.path.join(self.dir, "teacher_logits")
-    key = {"images_sha256": _images_key(self.splits), "teacher_params": teacher.count_params()}
+    """Teacher logits on train and validation, computed once and kept in model_dir.
+
+    Kept in teacher_logits/<key digest>/: pods that share a model_dir and compute the same
+    cache write the same files, and never sync (so never delete) another teacher's cache.
+    """
+    key = {"images_sha256": _images_key(self.splits), "teacher_params": teacher.count_params(),
+           "teacher_weights_sha256": weights_digest(teacher)}
+    rel = "teacher_logits/" + hashlib.sha256(
+        json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(self.dir, rel)
     key_path = os.path.join(folder, "key.json")
+    self.storage.pull(rel, exact=True)
     try:
       with open(key_path) as f:
         if json.load(f) == key:
@@ -264,12 +332,12 @@ class Job:
         np.save(os.path.join(folder, f"{part}.tmp.npy"), array)
         os.replace(os.path.join(folder, f"{part}.tmp.npy"), os.path.join(folder, f"{part}.npy"))
       results.write_json_atomic(key_path, key)
-      self.storage.sync("teacher_logits", last=("key.json",))
+      self.storage.sync(rel, last=("key.json",))
     return train, validation
 
   def run_student(self, spec, teacher, cached_logits):
     s = self.settings
-    done = results.read_model_result(self.dir, spec.name)
+    done = self._pull_model(spec.name)
     if done:
       logging.info("student %s already finished: skipping", spec.name)
       return
@@ -279,6 +347,7 @@ class Job:
                                 validation_extra)
     net = self._seeded(models.build_student)  # same seed: every student starts identical
     initial = weights_digest(net)
+    self._check_stop(spec.name)
     with self.strategy.scope():
       distiller = Distiller(net, teacher=None if cached_logits else teacher)
       distiller.compile(optimizer=self._optimizer(s.student_learning_rate, s.student_epochs,
@@ -300,41 +369,78 @@ class Job:
             "jit_compile": s.jit_compile, "global_batch_size": s.batch_size,
             "flags": s.flag_dict()}
 
+  def _finished_in_bucket(self) -> set:
+    return {p for p in self.storage.list_remote("")
+            if p.count("/") == 1 and p.endswith("/result.json")}
+
   def merge_results(self):
-    """Merges every finished model (also those other pods wrote) into results.json."""
+    """Merges every finished model (also those other pods wrote) into results.json.
+
+    Pods finishing at once each upload their own results.json; the last upload wins. So each
+    pod lists the markers again *after* its upload and merges again until that listing adds
+    nothing: whichever upload lands last was followed by a listing equal to its content, and a
+    marker uploaded after that listing would make its own pod upload later still.
+    """
     if not self.chief:
       return None
-    seen = None
+    self.storage.flush()  # our own markers are in the bucket before we list it
+    merged, summary = None, None
     while True:
-      remote = {p for p in self.storage.list_remote("")
-                if p.count("/") == 1 and p.endswith("/result.json")}
-      for path in remote:
-        if not os.path.isfile(os.path.join(self.dir, path)):
-          self.storage.pull(path)
-          self.storage.pull(path.replace("result.json", comparison.PREDICTIONS_FILE))
+      markers = self._finished_in_bucket()
+      if markers == merged:
+        return summary
+      for path in sorted(markers):
+        self.storage.pull(path)
+        self.storage.pull(path.replace("result.json", comparison.PREDICTIONS_FILE))
+      if self.storage.remote:  # the bucket is the truth: a local-only marker is not a result
+        for path in glob.glob(os.path.join(self.dir, "*", "result.json")):
+          if os.path.relpath(path, self.dir).replace(os.sep, "/") not in markers:
+            os.remove(path)
       summary = results.merge(self.dir, self.run_info(), figures=comparison.write_report)
       self.storage.sync(comparison.FIGURES_DIR)
-      self.storage.sync(f"logs/{comparison.COMPARISON_RUN}")
+      self._sync_logs(comparison.COMPARISON_RUN)
       self.storage.sync("results.md")
-      self.storage.sync("results.json")
+      self.storage.sync("results.json")  # after results.md: results.json is the run's marker
       self.storage.flush()
-      if remote == seen:  # nothing new appeared while merging: done
-        return summary
-      seen = remote
+      merged = markers
+
+  def _close_storage(self, quiet=False) -> bool:
+    """Uploads everything queued and stops the upload threads; False if that failed (quiet)."""
+    ok = True
+    for target in (getattr(self, "storage", None), getattr(self, "log_mirror", None)):
+      if target is None:
+        continue
+      try:
+        target.close()
+      except StorageError as e:
+        if not quiet:
+          raise
+        logging.error("%s", e)
+        ok = False
+    return ok
 
   def run(self):
     self.stop.install()
-    self.prepare()
-    s = self.settings
-    if s.mode != "report":
-      teacher = None
-      if s.mode in ("all", "teacher"):
-        teacher = self.run_teacher()
-      if s.mode in ("all", "students"):
-        teacher = teacher or self._load_teacher(self.teacher_dir)
-        cached = self.teacher_logits(teacher) if s.teacher_logits == "cached" else None
-        for spec in s.students:
-          self.run_student(spec, teacher, cached)
-    summary = self.merge_results()
-    self.storage.close()
+    try:
+      self.prepare()
+      s = self.settings
+      if s.mode != "report":
+        teacher = None
+        if s.mode in ("all", "teacher"):
+          teacher = self.run_teacher()
+        if s.mode in ("all", "students"):
+          teacher = teacher or self._load_teacher(self.teacher_dir)
+          cached = self.teacher_logits(teacher) if s.teacher_logits == "cached" else None
+          for spec in s.students:
+            self.run_student(spec, teacher, cached)
+      summary = self.merge_results()
+    except BaseException as e:
+      # Upload what is queued (e.g. the SIGTERM checkpoint) before the process exits; the
+      # original error stays the one reported.
+      uploaded = self._close_storage(quiet=True)
+      if isinstance(e, Preempted) and uploaded and getattr(self, "storage", None) \
+          and self.storage.remote:
+        raise Preempted(f"{e}, uploaded to {self.storage.remote}") from None
+      raise
+    self._close_storage()
     return summary

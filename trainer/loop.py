@@ -8,6 +8,7 @@ this loop only feeds them through `strategy.run`, several steps per `tf.function
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable, Optional
 
@@ -172,7 +173,8 @@ class TrainingLoop:
         started = time.perf_counter()
         self._save()
       if stop:
-        raise Preempted(f"stopped at epoch {epoch + 1}, step {step}: checkpoint written")
+        raise Preempted(f"stopped at epoch {epoch + 1}, step {step}: checkpoint "
+                        f"{os.path.basename(self.manager.latest_checkpoint)} written")
     seconds = time.perf_counter() - started
     self.train_seconds.assign_add(seconds)
     examples = (step - first_step) * self.train_pipeline.global_batch_size

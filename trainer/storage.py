@@ -359,21 +359,27 @@ class RunStorage:
     if missing:
       raise UsageError(f"{self.remote}: these credentials lack {', '.join(missing)}")
 
-  def pull(self, relpath: str = "") -> List[str]:
+  def pull(self, relpath: str = "", exact: bool = False) -> List[str]:
     """Downloads every remote object under relpath into local_dir (resume on a fresh disk).
 
     Returns the relpaths of all those objects; local copies that already match are kept as is.
+    exact=True also removes local files under relpath that the bucket does not have (the bucket
+    is the source of truth: e.g. a checkpoint or result.json a killed process never uploaded).
     """
     if self.remote is None:
       return []
     rel = self._rel(relpath)
     try:
       blobs = self._retrying(lambda t: self._list(rel, t), f"list {self._url(rel)}")
-      return _download_tree(self._bucket(), blobs, self.local_dir, self._retry_budget)
+      pulled = _download_tree(self._bucket(), blobs, self.local_dir, self._retry_budget)
     except StorageError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise StorageError(f"{self._url(rel)}: pull failed: {_one_line(e)}") from e
+    if exact:
+      for stale in set(self._scan(rel)) - set(pulled):
+        os.remove(self._local(stale))
+    return pulled
 
   # -- during training -------------------------------------------------------------------------
 
@@ -530,6 +536,13 @@ class RunStorage:
     except Exception as e:  # pylint: disable=broad-except
       if not _is_not_found(e):  # Already gone (e.g. a retry after a lost response): fine.
         raise
+
+  def raise_if_failed(self) -> None:
+    """Raises (without waiting) if a background sync already failed for good, so that a job
+    whose bucket is gone stops at its next checkpoint instead of training on unsaved."""
+    error = self._error
+    if error is not None:
+      raise StorageError(str(error))
 
   def flush(self) -> None:
     """Waits for all queued syncs; raises StorageError (one line) if one failed for good.
