@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import time
 
 import keras
@@ -25,7 +26,6 @@ import numpy as np
 import tensorflow as tf
 
 import trainer
-import tempfile
 from trainer import (comparison, data, distribution, evaluation, export, hparams_logging, models,
                      results, storage, summaries)
 from trainer.classifier import Classifier
@@ -187,7 +187,7 @@ class Job:
 
   def _optimizer(self, learning_rate, epochs, steps_per_epoch):
     schedule = keras.optimizers.schedules.CosineDecay(
-        self.settings.learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
+        learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
     return keras.optimizers.Adam(schedule)
 
   def _train(self, name, model, net, train, validation, epochs):
