@@ -116,10 +116,10 @@ def cpu_image(debootstrap_base):
   timings["build"] = time.monotonic() - started
   print("image timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
   yield TEST_TAG
-  _run(["buildah", "rmi", TEST_TAG])
-  # Untagged images are buildah's layer cache (the dependency layer among them); each code change
-  # adds a small one. Keep the storage bounded: drop those older than three days (a later build
-  # recreates what it still needs; images in use are refused and kept).
+  # TEST_TAG stays: removing it would also remove its untagged parents, which are buildah's layer
+  # cache (the 2.5 GB dependency layer among them). Each code change leaves a small untagged image
+  # behind; keep the storage bounded by dropping those older than three days (a later build
+  # recreates what it still needs; images that others build on are refused and kept).
   proc = _run(["buildah", "images", "--quiet", "--filter", "dangling=true", "--filter",
                "until=72h"])
   for image_id in proc.stdout.split():
