@@ -45,6 +45,14 @@ if [ -f "$dir/.complete" ]; then
   echo "$dir"
   exit 0
 fi
+mkdir -p "$(dirname "$dir")"
+# One filler at a time per wheelhouse (test runs may share the cache).
+exec 9>"$dir.lock"
+flock 9
+if [ -f "$dir/.complete" ]; then
+  echo "$dir"
+  exit 0
+fi
 mkdir -p "$dir"
 echo "fill_wheelhouse: filling $dir" >&2
 req_args=()
@@ -55,7 +63,8 @@ for r in "${reqs[@]}"; do req_args+=(-r "$r"); done
 touch "$dir/.complete"
 # Keep the cache bounded: of the other wheelhouses of this variant, keep only the newest one.
 parent=$(dirname "$dir")
-for old in $(ls -1dt "$parent"/wheelhouse-"$variant"-py* | { grep -vxF "$dir" || true; } | tail -n +2); do
-  rm -rf "$old"
+for old in $(ls -1dt "$parent"/wheelhouse-"$variant"-py* | { grep -v '\.lock$' || true; } |
+    { grep -vxF "$dir" || true; } | tail -n +2); do
+  rm -rf "$old" "$old.lock"
 done
 echo "$dir"

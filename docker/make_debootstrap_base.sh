@@ -23,7 +23,10 @@ done
 # certificates for google-cloud-storage's TLS. Debian 12's python3 is 3.11, as in python:3.11-slim.
 include=python3,python3-venv,ca-certificates
 arch=$(dpkg --print-architecture)
-key=$( { cat "$0"; echo "$suite $mirror $arch $include"; } | sha256sum | cut -c1-12)
+# Bump when the rootfs recipe below (debootstrap options, trimming, image config) changes: the key
+# decides whether the cached tarball and image are reused.
+recipe=1
+key=$(echo "$recipe $suite $mirror $arch $include" | sha256sum | cut -c1-12)
 ref=localhost/mnist-distill-base:$suite-$key
 cache=${MNIST_DISTILL_CACHE:-$HOME/.cache/mnist-distill}
 tarball=$cache/debootstrap-$suite-$arch-$key.tar
@@ -38,6 +41,13 @@ for tool in debootstrap buildah; do
 done
 [ "$(id -u)" -eq 0 ] || { echo "make_debootstrap_base: debootstrap needs root" >&2; exit 2; }
 mkdir -p "$cache"
+# One builder at a time (test runs may share the cache and the image storage).
+exec 9>"$cache/debootstrap-$suite-$arch.lock"
+flock 9
+if buildah inspect --type image "$ref" >/dev/null 2>&1; then
+  echo "$ref"
+  exit 0
+fi
 
 if [ ! -f "$tarball" ]; then
   work=$(mktemp -d "$cache/debootstrap.XXXXXX")
@@ -65,6 +75,14 @@ if [ ! -f "$tarball" ]; then
   mv "$tarball.part" "$tarball"
   cleanup
   trap - EXIT
+  # Keep the cache bounded: drop the tarballs and images of other recipes (an image that others
+  # still build on is refused by buildah and stays).
+  for old in "$cache"/debootstrap-"$suite"-"$arch"-*.tar; do
+    [ "$old" = "$tarball" ] || rm -f "$old"
+  done
+  for old in $(buildah images --format '{{.Name}}:{{.Tag}}' | grep -F "localhost/mnist-distill-base:$suite-" || true); do
+    [ "$old" = "$ref" ] || buildah rmi "$old" >/dev/null 2>&1 || true
+  done
 fi
 
 echo "make_debootstrap_base: importing $tarball as $ref" >&2

@@ -28,7 +28,10 @@ import pytest
 from helpers import MNIST_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_TAG = "localhost/mnist-distill-test:cpu"
+# The tests use a tag of their own (several test runs may share this machine's image storage);
+# CACHE_TAG keeps the last build, and with it buildah's layer cache, after they remove theirs.
+TEST_TAG = f"localhost/mnist-distill-test:cpu-{os.getpid()}"
+CACHE_TAG = "localhost/mnist-distill-test:cache"
 SMOKE_ARGS = [
     "--idx_dir=/data/mnist", "--max_train_examples=512", "--max_test_examples=256",
     "--validation_examples=128", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
@@ -115,11 +118,14 @@ def cpu_image(debootstrap_base):
   assert proc.stdout.strip().splitlines()[-1] == TEST_TAG
   timings["build"] = time.monotonic() - started
   print("image timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+  proc = _run(["buildah", "tag", TEST_TAG, CACHE_TAG])
+  assert proc.returncode == 0, proc.stderr
   yield TEST_TAG
-  # TEST_TAG stays: removing it would also remove its untagged parents, which are buildah's layer
-  # cache (the 2.5 GB dependency layer among them). Each code change leaves a small untagged image
-  # behind; keep the storage bounded by dropping those older than three days (a later build
+  # Removing only our tag keeps the image under CACHE_TAG, and so its untagged parents: buildah's
+  # layer cache (the 2.5 GB dependency layer among them). Each code change leaves a small untagged
+  # image behind; keep the storage bounded by dropping those older than three days (a later build
   # recreates what it still needs; images that others build on are refused and kept).
+  _run(["buildah", "rmi", TEST_TAG])
   proc = _run(["buildah", "images", "--quiet", "--filter", "dangling=true", "--filter",
                "until=72h"])
   for image_id in proc.stdout.split():

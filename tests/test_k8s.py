@@ -263,9 +263,12 @@ def checkov():
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Renaming is safe: checkov runs as `python -m` (console scripts would name the old path).
-    shutil.rmtree(venv, ignore_errors=True)
-    partial.rename(venv)
-    (venv / ".complete").touch()
+    if (venv / ".complete").exists():  # another test run finished first: use its venv
+      shutil.rmtree(partial, ignore_errors=True)
+    else:
+      shutil.rmtree(venv, ignore_errors=True)
+      partial.rename(venv)
+      (venv / ".complete").touch()
   return [str(venv / "bin" / "python"), "-m", "checkov.main"]
 
 
