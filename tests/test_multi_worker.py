@@ -4,7 +4,6 @@ They must end with the weights one process reaches on the same global batch.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -10,24 +10,19 @@ resumes from the bucket alone), and each process syncs only the folders of the m
 (syncs mirror deletions), so Indexed-Job pods can share one model_dir.
 """
 
-import dataclasses
 import glob
-import hashlib
-import json
 import logging
 import os
 import shutil
 import signal
 import tempfile
-import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 import trainer
 from trainer import (comparison, data, distribution, evaluation, export, hparams_logging, models,
-                     results, storage, summaries)
+                     results, storage, summaries, teacher_cache)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError, UsageError
@@ -73,21 +68,6 @@ def _ensure_writable(folder: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise UsageError(f"--model_dir {folder} is not writable: {e.strerror or e}") from None
-
-
-def weights_digest(net) -> str:
-  """sha256 of a network's weights: shows that students started from the same point."""
-  digest = hashlib.sha256()
-  for weight in net.weights:
-    digest.update(np.asarray(weight.numpy()).tobytes())
-  return digest.hexdigest()
-
-
-def _images_key(splits: data.Splits) -> str:
-  digest = hashlib.sha256()
-  for array in (splits.train_images, splits.validation_images):
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()
 
 
 class Job:
@@ -302,38 +282,8 @@ class Job:
       return keras.models.load_model(os.path.join(folder, "model.keras"), compile=False)
 
   def teacher_logits(self, teacher):
-    """Teacher logits on train and validation, computed once and kept in model_dir.
-
-    Kept in teacher_logits/<key digest>/: pods that share a model_dir and compute the same
-    cache write the same files, and never sync (so never delete) another teacher's cache.
-    """
-    key = {"images_sha256": _images_key(self.splits), "teacher_params": teacher.count_params(),
-           "teacher_weights_sha256": weights_digest(teacher)}
-    rel = "teacher_logits/" + hashlib.sha256(
-        json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = os.path.join(self.dir, rel)
-    key_path = os.path.join(folder, "key.json")
-    self.storage.pull(rel, exact=True)
-    try:
-      with open(key_path) as f:
-        if json.load(f) == key:
-          return (np.load(os.path.join(folder, "train.npy")),
-                  np.load(os.path.join(folder, "validation.npy")))
-    except (OSError, ValueError):
-      pass
-    started = time.perf_counter()
-    train = evaluation.predict_logits(teacher, self.splits.train_images)
-    validation = evaluation.predict_logits(teacher, self.splits.validation_images)
-    logging.info("Cached teacher logits for %d examples in %.1fs", len(train) + len(validation),
-                 time.perf_counter() - started)
-    if self.chief:
-      os.makedirs(folder, exist_ok=True)
-      for part, array in (("train", train), ("validation", validation)):
-        np.save(os.path.join(folder, f"{part}.tmp.npy"), array)
-        os.replace(os.path.join(folder, f"{part}.tmp.npy"), os.path.join(folder, f"{part}.npy"))
-      results.write_json_atomic(key_path, key)
-      self.storage.sync(rel, last=("key.json",))
-    return train, validation
+    """Teacher logits on train and validation, computed once and kept in model_dir."""
+    return teacher_cache.load_or_compute(teacher, self.splits, self.storage, write=self.chief)
 
   def run_student(self, spec, teacher, cached_logits):
     s = self.settings
@@ -346,7 +296,7 @@ class Job:
     validation = self._pipeline(self.splits.validation_images, self.splits.validation_labels,
                                 validation_extra)
     net = self._seeded(models.build_student)  # same seed: every student starts identical
-    initial = weights_digest(net)
+    initial = teacher_cache.weights_digest(net)
     self._check_stop(spec.name)
     with self.strategy.scope():
       distiller = Distiller(net, teacher=None if cached_logits else teacher)

@@ -1,0 +1,64 @@
+"""The teacher's logits on the training data, computed once and kept with the run.
+
+Distillation then reads them from tf.data instead of running the teacher every step. The cache
+lives in <model_dir>/teacher_logits/<key digest>/, keyed by the data and the teacher's weights:
+pods that share a model_dir and compute the same cache write the same files, and never sync
+(so never delete) another teacher's cache.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from trainer import evaluation, results
+
+CACHE_DIR = "teacher_logits"
+
+
+def weights_digest(net) -> str:
+  """sha256 of a network's weights (also shows that students started from the same point)."""
+  digest = hashlib.sha256()
+  for weight in net.weights:
+    digest.update(np.asarray(weight.numpy()).tobytes())
+  return digest.hexdigest()
+
+
+def _images_digest(splits) -> str:
+  digest = hashlib.sha256()
+  for array in (splits.train_images, splits.validation_images):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def load_or_compute(teacher, splits, run_storage, write: bool):
+  """(train logits, validation logits) of `teacher`, from the cache or computed and cached."""
+  key = {"images_sha256": _images_digest(splits), "teacher_params": teacher.count_params(),
+         "teacher_weights_sha256": weights_digest(teacher)}
+  rel = f"{CACHE_DIR}/" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  folder = os.path.join(run_storage.local_dir, rel)
+  key_path = os.path.join(folder, "key.json")
+  run_storage.pull(rel, exact=True)
+  try:
+    with open(key_path) as f:
+      if json.load(f) == key:
+        return (np.load(os.path.join(folder, "train.npy")),
+                np.load(os.path.join(folder, "validation.npy")))
+  except (OSError, ValueError):
+    pass
+  started = time.perf_counter()
+  train = evaluation.predict_logits(teacher, splits.train_images)
+  validation = evaluation.predict_logits(teacher, splits.validation_images)
+  logging.info("Cached teacher logits for %d examples in %.1fs", len(train) + len(validation),
+               time.perf_counter() - started)
+  if write:
+    os.makedirs(folder, exist_ok=True)
+    for part, array in (("train", train), ("validation", validation)):
+      np.save(os.path.join(folder, f"{part}.tmp.npy"), array)
+      os.replace(os.path.join(folder, f"{part}.tmp.npy"), os.path.join(folder, f"{part}.npy"))
+    results.write_json_atomic(key_path, key)  # written last: marks the cache complete
+    run_storage.sync(rel, last=("key.json",))
+  return train, validation
