@@ -22,7 +22,6 @@ extrapolated from the measured baseline throughput unless `--notebook=full` runs
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -138,7 +137,8 @@ def _alternate(variants: dict, runs: int, warmup: int) -> dict:
   for round_ in range(warmup + runs):
     for name, run in variants.items():
       timings[name].values.append(run())
-      logging.info("round %d %s: %.0f images/s", round_ + 1, name, timings[name].values[-1])
+      print(f"round {round_ + 1}/{warmup + runs} {name}: {timings[name].values[-1]:.0f} "
+            "images/s", file=sys.stderr, flush=True)  # progress: a full run takes a while
   return timings
 
 
@@ -373,7 +373,6 @@ def main(argv=None):
     parser.error("--batch_sizes must start with 32, the notebook's batch size")
   if any(args.examples % b for b in batch_sizes):
     parser.error("--examples must be a multiple of every batch size")
-  logging.basicConfig(level=logging.WARNING, format="%(message)s")
   tf.get_logger().setLevel("ERROR")  # each measured variant traces its own functions once
   workdir = args.workdir or tempfile.mkdtemp(prefix="mnist-distill-bench-")
   os.makedirs(workdir, exist_ok=True)
