@@ -40,14 +40,9 @@ while [ $# -gt 0 ]; do
 done
 case "$variant" in cpu|gpu) ;; *) echo "build_image: --variant must be cpu or gpu" >&2; exit 2 ;; esac
 if [ -z "$tool" ]; then
-  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-    tool=docker
-  elif command -v buildah >/dev/null; then
-    tool=buildah
-  else
-    echo "build_image: neither a Docker engine nor buildah is available" >&2
-    exit 2
-  fi
+  # shellcheck source=scripts/container_tool.sh
+  . "$(dirname "$0")/container_tool.sh"
+  tool=$(pick_container_tool build_image) || exit 2
 fi
 
 version=$(sed -n 's/^ *version="\([^"]*\)".*/\1/p' "$repo/setup.py" | head -n1)

@@ -19,14 +19,9 @@ source_ref=$1
 shift
 tool=${TOOL:-}
 if [ -z "$tool" ]; then
-  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-    tool=docker
-  elif command -v buildah >/dev/null; then
-    tool=buildah
-  else
-    echo "push_image: neither a Docker engine nor buildah is available" >&2
-    exit 2
-  fi
+  # shellcheck source=scripts/container_tool.sh
+  . "$(dirname "$0")/container_tool.sh"
+  tool=$(pick_container_tool push_image) || exit 2
 fi
 
 if [ "$1" = --kind ]; then

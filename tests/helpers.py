@@ -48,3 +48,15 @@ def tree_digest(folder):
 
 def error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith("mnist-distill: error:")]
+
+
+def start_cli(args, log_path, **env):
+  """`python -m trainer ARGS` as a child process (to kill or interrupt), stderr to log_path."""
+  with open(log_path, "w") as log:
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO,
+                            env=cli_env(**env), stdout=subprocess.DEVNULL, stderr=log)
+
+
+def read(path):
+  with open(path) as f:
+    return f.read()

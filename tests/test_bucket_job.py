@@ -8,8 +8,6 @@ import glob
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 import tensorflow as tf
 from gcs_emulator import free_port
 
-from helpers import MNIST_DIR, REPO, cli_env, error_lines, run_cli
+from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 from trainer import idx
 
 # 256 training examples in batches of 32: 8 steps an epoch.
@@ -25,17 +23,6 @@ TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=256", "--validation_exam
         "--max_test_examples=256", "--teacher_epochs=2", "--student_epochs=2", "--batch_size=32"]
 STUDENTS = ["--student=a:alpha=0", "--student=b:alpha=0.5,temperature=2"]
 MODEL_FILES = ("checkpoints/checkpoint", "export/saved_model.pb", "model.keras", "result.json")
-
-
-def start_cli(args, log_path, **env):
-  with open(log_path, "w") as log:
-    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO,
-                            env=cli_env(**env), stdout=subprocess.DEVNULL, stderr=log)
-
-
-def read(path):
-  with open(path) as f:
-    return f.read()
 
 
 def wait_for_object(gcs, name, proc, timeout=180.0):

@@ -38,7 +38,8 @@ SMOKE_ARGS = [
     "--model_dir=/out",
 ]
 MODELS = {"teacher", "labels_only", "teacher_only", "distilled"}
-SCRIPTS = ["scripts/build_image.sh", "scripts/push_image.sh", "scripts/submit.sh",
+SCRIPTS = ["scripts/build_image.sh", "scripts/push_image.sh", "scripts/container_tool.sh",
+           "scripts/submit.sh",
            "scripts/watch.sh", "docker/fill_wheelhouse.sh", "docker/make_debootstrap_base.sh"]
 
 

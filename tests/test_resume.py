@@ -11,14 +11,12 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import keras
 import numpy as np
 
-from helpers import MNIST_DIR, REPO, cli_env, error_lines, run_cli
+from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 
 # 640 training examples in batches of 32: 20 steps an epoch, a checkpoint every 3 steps.
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=640", "--validation_examples=128",
@@ -26,18 +24,6 @@ TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=640", "--validation_exam
         "--checkpoint_every_steps=3", "--student=d:alpha=0.5,temperature=2"]
 STEPS_PER_EPOCH = 20
 MODELS = ("teacher", "d")
-
-
-def start_cli(args, log_path, **env):
-  """`python -m trainer ARGS` as a child process, stderr to log_path."""
-  with open(log_path, "w") as log:
-    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO,
-                            env=cli_env(**env), stdout=subprocess.DEVNULL, stderr=log)
-
-
-def read(path):
-  with open(path) as f:
-    return f.read()
 
 
 def wait_for(condition, proc, timeout=180.0, poll=0.02):
