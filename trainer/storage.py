@@ -162,6 +162,17 @@ def _is_denied(exc: BaseException) -> bool:
   return isinstance(exc, (api_exceptions.Forbidden, api_exceptions.Unauthorized))
 
 
+def _unusable(where: str, bucket_name: str, exc: BaseException, what: str) -> UsageError:
+  """The one-line exit-2 error for a bucket that cannot be used before training starts."""
+  if isinstance(exc, StorageError):
+    return UsageError(f"{where}: Cloud Storage unreachable: {exc}")
+  if _is_not_found(exc):
+    return UsageError(f"{where}: bucket {bucket_name!r} does not exist")
+  if _is_denied(exc):
+    return UsageError(f"{where}: access denied ({_one_line(exc)})")
+  return UsageError(f"{where}: {what}: {_one_line(exc)}")
+
+
 def _with_retries(fn: Callable, what: str, budget: float, also_retry=None):
   """Calls fn(timeout) until it succeeds, retrying transient errors for `budget` seconds.
 
@@ -345,14 +356,8 @@ class RunStorage:
       granted = self._retrying(lambda t: bucket.test_iam_permissions(
           list(_WRITE_PERMISSIONS), retry=None, timeout=t), f"permissions on {self.remote}",
                                max(0.0, deadline - time.monotonic()))
-    except StorageError as e:
-      raise UsageError(f"{self.remote}: Cloud Storage unreachable: {e}") from None
     except Exception as e:  # pylint: disable=broad-except
-      if _is_not_found(e):
-        raise UsageError(f"{self.remote}: bucket {self._bucket_name!r} does not exist") from None
-      if _is_denied(e):
-        raise UsageError(f"{self.remote}: access denied ({_one_line(e)})") from None
-      raise UsageError(f"{self.remote}: cannot use this bucket: {_one_line(e)}") from None
+      raise _unusable(self.remote, self._bucket_name, e, "cannot use this bucket") from None
     # testIamPermissions needs no permission itself. (It reads bucket IAM only: a bucket that
     # grants writes through legacy object ACLs alone would be refused here.)
     missing = sorted(set(_WRITE_PERMISSIONS) - set(granted or ()))
@@ -656,14 +661,8 @@ def fetch_to_local(url: str, dest_root: Optional[str] = None) -> str:
     bucket = _make_client().bucket(bucket_name)
     blobs = _with_retries(lambda t: _list_tree(bucket, prefix, t), f"list {url}",
                           min(budget, CHECK_SECONDS))
-  except StorageError as e:
-    raise UsageError(f"{url}: Cloud Storage unreachable: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
-    if _is_not_found(e):
-      raise UsageError(f"{url}: bucket {bucket_name!r} does not exist") from None
-    if _is_denied(e):
-      raise UsageError(f"{url}: access denied ({_one_line(e)})") from None
-    raise UsageError(f"{url}: cannot list: {_one_line(e)}") from None
+    raise _unusable(url, bucket_name, e, "cannot list") from None
   blobs.pop("", None)  # An object named exactly like the folder: not part of the tree.
   if not blobs:
     raise UsageError(f"{url}: no objects under this prefix")
