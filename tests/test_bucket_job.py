@@ -161,7 +161,13 @@ def test_vertex_ai_environment_decides_where_things_go(gcs_emulator, tmp_path):
   objects = gcs_emulator.objects()
   assert_model_complete(objects, "job", "teacher")  # model_dir = AIP_MODEL_DIR's parent
   assert "job/results.json" in objects
-  assert not [n for n in objects if n.startswith(("job/model/", "job/checkpoints/"))]
+  assert not [n for n in objects if n.startswith("job/model/")]
+  # Checkpoints are mirrored to AIP_CHECKPOINT_DIR, file for file (resume reads model_dir).
+  checkpoints = {n[len("job/checkpoints/"):]: gcs_emulator.read(n)
+                 for n in objects if n.startswith("job/checkpoints/")}
+  assert "teacher/checkpoints/checkpoint" in checkpoints
+  assert checkpoints == {n[len("job/"):]: gcs_emulator.read(n)
+                         for n in objects if n.startswith("job/teacher/checkpoints/")}
   # The logs are mirrored to AIP_TENSORBOARD_LOG_DIR, file for file.
   mirrored = {n[len("tensorboard/job/"):]: gcs_emulator.read(n)
               for n in objects if n.startswith("tensorboard/")}

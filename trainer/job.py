@@ -84,7 +84,11 @@ class Job:
     self.storage.check()
     self.dir = self.storage.local_dir
     _ensure_writable(self.dir)
-    self.log_mirror = self._open_log_mirror()
+    # Vertex AI TensorBoard streams from $AIP_TENSORBOARD_LOG_DIR; $AIP_CHECKPOINT_DIR gets
+    # <model>/checkpoints of every model.
+    self.log_mirror = self._open_mirror("AIP_TENSORBOARD_LOG_DIR",
+                                        os.path.join(self.dir, "logs"), f"{s.model_dir}/logs")
+    self.checkpoint_mirror = self._open_mirror("AIP_CHECKPOINT_DIR", self.dir, s.model_dir)
     self.strategy = distribution.make_strategy(s.strategy, s.num_cpu_devices)
     self.chief = distribution.is_chief(self.strategy)
     self.replicas = self.strategy.num_replicas_in_sync
@@ -110,19 +114,19 @@ class Job:
     if s.validation_examples == 0:
       raise UsageError("--validation_examples must be > 0: validation drives model selection")
 
-  def _open_log_mirror(self):
-    """Vertex AI: TensorBoard logs also go to $AIP_TENSORBOARD_LOG_DIR (the folder Vertex AI
-    TensorBoard streams from) when it is not <model_dir>/logs already. Checkpoints always stay
-    in <model_dir>/<model>/checkpoints, where resume looks: $AIP_CHECKPOINT_DIR is not used."""
-    target = os.environ.get("AIP_TENSORBOARD_LOG_DIR", "").strip().rstrip("/")
-    if not target or target == f"{self.settings.model_dir}/logs":
+  def _open_mirror(self, variable, local_dir, same_as):
+    """Vertex AI: a copy of part of the run also goes where $variable points (gs:// only),
+    unless that is already where it lands. The run itself keeps the model_dir layout, so
+    resume always reads <model_dir>; the mirror is written, never read."""
+    target = os.environ.get(variable, "").strip().rstrip("/")
+    if not target or target == same_as:
       return None
     if not storage.is_remote(target):
-      logging.warning("AIP_TENSORBOARD_LOG_DIR=%s is not a gs:// URL: not mirrored", target)
+      logging.warning("%s=%s is not a gs:// URL: not mirrored", variable, target)
       return None
-    mirror = storage.RunStorage(os.path.join(self.dir, "logs"), remote=target)
+    mirror = storage.RunStorage(local_dir, remote=target)
     mirror.check()
-    logging.info("TensorBoard logs are mirrored to %s", target)
+    logging.info("%s: mirrored to %s", variable, target)
     return mirror
 
   def _sync_logs(self, name):
@@ -186,6 +190,8 @@ class Job:
       self.storage.raise_if_failed()  # the bucket is gone for good: stop, don't train unsaved
       if self.chief:
         self.storage.sync(f"{name}/checkpoints", last=("checkpoint",))
+        if self.checkpoint_mirror is not None:
+          self.checkpoint_mirror.sync(f"{name}/checkpoints", last=("checkpoint",))
 
     def on_epoch(record):
       logs.write_epoch(record)
@@ -249,7 +255,7 @@ class Job:
   def _seeded(self, build):
     # Uploads draw from Python's global `random` (google-cloud-storage's multipart boundaries):
     # let the upload threads go idle first, or initial weights would depend on network timing.
-    for target in (self.storage, self.log_mirror):
+    for target in (self.storage, self.log_mirror, self.checkpoint_mirror):
       if target is not None:
         target.flush()
     keras.utils.set_random_seed(self.settings.seed)
@@ -357,7 +363,8 @@ class Job:
   def _close_storage(self, quiet=False) -> bool:
     """Uploads everything queued and stops the upload threads; False if that failed (quiet)."""
     ok = True
-    for target in (getattr(self, "storage", None), getattr(self, "log_mirror", None)):
+    for target in (getattr(self, "storage", None), getattr(self, "log_mirror", None),
+                   getattr(self, "checkpoint_mirror", None)):
       if target is None:
         continue
       try:
