@@ -32,8 +32,9 @@ class LoopConfig:
 
 
 def metric_values(model) -> dict:
-  """Current metric results as floats (read in cross-replica context: summed over replicas)."""
-  return {m.name: float(m.result()) for m in model.metrics}
+  """Current metric results as floats (read in cross-replica context: summed over replicas).
+  A metric whose result is a dict (trainer/metrics.py) contributes one value per key."""
+  return {name: float(value) for name, value in model.get_metrics_result().items()}
 
 
 def reset_metrics(model) -> None:
@@ -150,12 +151,9 @@ class TrainingLoop:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Could not write the profiler trace: %s", e)
 
-  def _train_epoch(self, epoch):
+  def _train_epoch(self, epoch, iterator):
     steps_per_epoch = self.train_pipeline.steps_per_epoch
     step = int(self.step_in_epoch)
-    dataset = self.strategy.distribute_datasets_from_function(
-        self.train_pipeline.train_fn(self.config.seed, epoch, step))
-    iterator = iter(dataset)
     reset_metrics(self.model)
     started, first_step = time.perf_counter(), step
     while step < steps_per_epoch:
@@ -190,9 +188,15 @@ class TrainingLoop:
     return history
 
   def _train_epochs(self, history):
+    if int(self.epoch) >= self.config.epochs:
+      return
+    # One input pipeline for all remaining epochs (see ArrayPipeline.train_fn).
+    iterator = iter(self.strategy.distribute_datasets_from_function(
+        self.train_pipeline.train_fn(self.config.seed, int(self.epoch), int(self.step_in_epoch),
+                                     self.config.epochs)))
     while int(self.epoch) < self.config.epochs:
       epoch = int(self.epoch)
-      train, examples_per_second = self._train_epoch(epoch)
+      train, examples_per_second = self._train_epoch(epoch, iterator)
       validation = self.evaluate(self.validation_pipeline)
       self.epoch.assign(epoch + 1)
       self.step_in_epoch.assign(0)

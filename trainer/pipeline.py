@@ -42,10 +42,14 @@ class ArrayPipeline:
     """Training steps per epoch: partial batches are dropped so every step has one shape."""
     return self.num_examples // self.global_batch_size
 
-  def train_fn(self, seed: int, epoch: int, start_step: int = 0):
-    """dataset_fn for `distribute_datasets_from_function`: one epoch from `start_step` on."""
+  def train_fn(self, seed: int, epoch: int, start_step: int = 0, end_epoch: int = None):
+    """dataset_fn for `distribute_datasets_from_function`: epochs [epoch, end_epoch) back to
+    back, starting at `start_step` of the first. One iterator then serves a whole training run:
+    creating and destroying one per epoch costs up to a second each on a busy CPU."""
     usable = self.steps_per_epoch * self.global_batch_size
-    order = epoch_order(self.num_examples, seed, epoch)[:usable]
+    end_epoch = epoch + 1 if end_epoch is None else end_epoch
+    order = np.concatenate([epoch_order(self.num_examples, seed, e)[:usable]
+                            for e in range(epoch, max(end_epoch, epoch + 1))])
     order = order[start_step * self.global_batch_size:]
     return self._dataset_fn(order)
 
