@@ -19,10 +19,12 @@ def equivalence():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["teacher", "distiller_cached", "distiller_online"])
+@pytest.mark.parametrize("kind", ["teacher", "distiller_cached", "distiller_online",
+                                  "teacher_fused_adam"])
 def test_mirrored_two_replicas_match_one_device(equivalence, kind):
   result = equivalence[kind]
   assert result["max_update"] > 1e-4  # the step really moved the weights
+  assert result["replica_spread"] == 0.0  # every replica's copy got the same update
   # A loss averaged per replica instead of over the global batch would double the SGD update,
   # a difference of the order of max_update.
   assert result["max_weight_diff"] < 1e-5 * max(1.0, result["max_update"] * 100)

@@ -28,6 +28,7 @@ from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError, UsageError
 from trainer.flags import Settings
 from trainer.loop import LoopConfig, TrainingLoop
+from trainer.optimizers import FusedAdam
 from trainer.pipeline import ArrayPipeline
 from trainer.summaries import ModelLogs
 
@@ -172,7 +173,7 @@ class Job:
   def _optimizer(self, learning_rate, epochs, steps_per_epoch):
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
-    return keras.optimizers.Adam(schedule)
+    return FusedAdam(schedule)
 
   def _train(self, name, model, net, train, validation, epochs):
     """Runs (or resumes) the loop for one model; returns (history, train seconds)."""
