@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from trainer.distiller import sparse_ce_from_logits
+from trainer.metrics import ExampleMeans, correct_predictions
 
 
 class Classifier(keras.Model):
@@ -19,20 +20,19 @@ class Classifier(keras.Model):
 
   def compile(self, optimizer="adam", **kwargs):
     super().compile(optimizer=optimizer, **kwargs)
-    self.loss_tracker = keras.metrics.Mean(name="loss")
-    self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    self.means = ExampleMeans(("loss", "accuracy"))  # one op per step for both
 
   @property
   def metrics(self):
-    return [self.loss_tracker, self.accuracy]
+    return [self.means]
 
   def call(self, images, training=False):
     return self.net(images, training=training)
 
   def _update_metrics(self, labels, logits, per_example):
-    self.loss_tracker.update_state(per_example)
-    self.accuracy.update_state(labels, logits)
-    return {m.name: m.result() for m in self.metrics}
+    self.means.update_state({"loss": per_example,
+                             "accuracy": correct_predictions(labels, logits)})
+    return self.get_metrics_result()
 
   def train_step(self, data):
     images, labels = data[0], data[1]
