@@ -24,7 +24,8 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
   json_out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "scripts/benchmark.py", f"--idx_dir={MNIST_DIR}", "--examples=256",
-       "--runs=1", "--warmup=1", "--batch_sizes=32,128", f"--workdir={tmp_path / 'work'}",
+       "--runs=1", "--warmup=1", "--batch_sizes=32,128", "--extra_modes=bf16",
+       f"--workdir={tmp_path / 'work'}",
        f"--json_out={json_out}",
        "--subset_job_args=--max_train_examples=256 --validation_examples=64 "
        "--max_test_examples=64 --teacher_epochs=1 --student_epochs=1 --batch_size=64 "
@@ -43,12 +44,18 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
   assert re.search(r"^- distillation at batch 32: \d+\.\d\dx \(target >= 4x\): (met|MISSED)$",
                    out, re.M)
   assert re.search(r"^- teacher training at batch 32: \d+\.\d\dx \(target >= 1.5x\)", out, re.M)
+  assert re.search(r"^- distillation at batch 32 in mixed_bfloat16: \d+\.\d\dx \(target >= 4x\)",
+                   out, re.M)
+  for batch in (32, 128):
+    assert re.search(rf"^- ours at batch {batch} in mixed_bfloat16: teacher training [\d,]+ img/s = "
+                     r"\d+\.\d\dx float32, \d+\.\d\dx notebook; distillation", out, re.M), out
   rss = re.search(r"^- default job \(subset .*\): wall \d+ s, peak RSS (\d+) MiB$", out, re.M)
   assert rss and int(rss.group(1)) > 100, out  # a TensorFlow process: hundreds of MiB
   assert "EXTRAPOLATED" in out
   report = json.loads(json_out.read_text())
   assert set(report["median"]) == set(benchmark.PHASES)
-  assert set(report["median"]["distillation"]) == {"baseline", "ours@32", "ours@128"}
+  assert set(report["median"]["distillation"]) == {"baseline", "ours@32", "ours@128",
+                                                   "ours@32 bf16", "ours@128 bf16"}
   assert all(len(v) == 2 for v in report["throughput"]["distillation"].values())  # warm-up + 1
   assert report["default_job"]["returncode"] == 0
 
