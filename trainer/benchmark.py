@@ -5,13 +5,14 @@
 On the same real-MNIST subset and in the same process, it alternates runs of
   * the baseline (trainer/notebook_baseline.py): Keras `Model.fit`/`evaluate` on numpy float
     arrays at batch 32, the teacher run inside every distillation step; and
-  * ours: ArrayPipeline + TrainingLoop (STEPS_PER_CALL steps per tf.function call), students
-    fed the teacher logits computed once; at batch 32 and at the default batch size,
+  * ours: ArrayPipeline + TrainingLoop (STEPS_PER_CALL steps per tf.function call, FusedAdam,
+    one-variable metrics), students fed the teacher logits computed once; at batch 32 and at
+    the default batch size, and with `--extra_modes` also in bf16/XLA at each,
 and prints images/second for teacher training, distillation and evaluation, each the median of
 `--runs` runs after `--warmup` runs (which pay for tracing), with the ratio ours/baseline.
-Training is timed per epoch of the subset, each side including its own per-epoch input
-pipeline setup (fit's numpy adapter, our dataset and iterator); ours excludes its per-epoch
-validation and checkpoint, which fit does not do.
+Training is timed per epoch of the subset: fit's whole call (its numpy adapter included); our
+loop's training steps (its iterator is created just before, ~0.02 s, and its per-epoch
+validation and checkpoint, which fit does not do, come after).
 
 Then it runs the default job in a subprocess (a small subset, or `--job=full`: the real
 default job on full MNIST) for its peak memory (max RSS) and wall time, and compares the full

@@ -108,9 +108,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "Run only the K-th --student (0-based). Default: $JOB_COMPLETION_INDEX when set.",
       lower_bound=0, flag_values=fv)
   # Training.
-  flags.DEFINE_integer("teacher_epochs", 12, "Teacher training epochs.", lower_bound=1,
+  flags.DEFINE_integer("teacher_epochs", 10, "Teacher training epochs.", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_integer("student_epochs", 20, "Epochs per student.", lower_bound=1,
+  flags.DEFINE_integer("student_epochs", 15, "Epochs per student.", lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_integer("batch_size", 256,
                        "Global batch size (per-replica batch = global / replicas).",
