@@ -76,7 +76,9 @@ def test_baseline_distiller_computes_the_project_loss():
     expected = tf.nn.compute_average_loss(
         ours._per_example_losses((x, y, logits), student_logits)[0])
     got = baseline.compute_distillation_loss(x, y, student_logits)
-    assert float(got) == pytest.approx(float(expected), rel=1e-5), (alpha, temperature)
+    # rel 1e-3: Keras' KLDivergence clips probabilities at 1e-7, ours uses exact log-softmaxes
+    # (0.03% apart at alpha=1 here); a missing T^2 or a per-replica mean would be 16x or 2x off.
+    assert float(got) == pytest.approx(float(expected), rel=1e-3), (alpha, temperature)
 
 
 def test_notebook_extrapolation_adds_up_its_schedule():
