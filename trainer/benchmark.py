@@ -92,13 +92,18 @@ EXTRA_MODES = {"xla": ("float32", True), "bf16": ("mixed_bfloat16", False),
                "fp16": ("mixed_float16", False)}
 
 
+def _variant(batch, mode="") -> str:
+  """Name of one of our measured variants, e.g. 'ours@32' or 'ours@256 bf16'."""
+  return f"ours@{batch}" + (f" {mode}" if mode else "")
+
+
 def _ours_variants(build, images, labels, batch_sizes, extras, workdir, extra_modes):
   """{variant: run} for our loop at each batch size, then each extra mode at each batch size.
 
   `build()` returns (model, net) compiled under the current dtype policy."""
   variants = {}
-  runs = [(f"ours@{batch}", batch, "float32", False) for batch in batch_sizes]
-  runs += [(f"ours@{batch} {mode}", batch, *EXTRA_MODES[mode])
+  runs = [(_variant(batch), batch, "float32", False) for batch in batch_sizes]
+  runs += [(_variant(batch, mode), batch, *EXTRA_MODES[mode])
            for batch in batch_sizes for mode in extra_modes]
   for name, batch, policy, jit in runs:
     keras.mixed_precision.set_dtype_policy(policy)  # layers keep the policy they were built in
@@ -194,12 +199,12 @@ def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAUL
   teacher_model.compile()
   variants = {"baseline": lambda: _evaluate_run(teacher, x, y)}
   for batch in batch_sizes:
-    variants[f"ours@{batch}"] = _OursEvaluator(teacher_model, images, labels, batch).run
+    variants[_variant(batch)] = _OursEvaluator(teacher_model, images, labels, batch).run
   results["evaluation (teacher)"] = _alternate(variants, runs, warmup)
 
   variants = {"baseline": lambda: _evaluate_run(baseline_distiller, x, y)}
   for batch in batch_sizes:
-    variants[f"ours@{batch}"] = _OursEvaluator(students[batch], images, labels, batch,
+    variants[_variant(batch)] = _OursEvaluator(students[batch], images, labels, batch,
                                                cached).run
   results["evaluation (student)"] = _alternate(variants, runs, warmup)
   return {"phases": results, "teacher_logits_seconds": logits_seconds,
@@ -282,7 +287,7 @@ def throughput_table(phases, batch_sizes) -> str:
     base = timings["baseline"].median()
     row = [phase, f"{base:,.0f}"]
     for batch in batch_sizes:
-      ours = timings[f"ours@{batch}"].median()
+      ours = timings[_variant(batch)].median()
       row += [f"{ours:,.0f}", _fmt_ratio(ours, base)]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
@@ -294,8 +299,7 @@ def target_lines(phases, extra_modes=()) -> list:
   for mode in ("", *extra_modes):
     label = f" in {_mode_label(mode)}" if mode else ""
     for phase, target in TARGETS.items():
-      ratio = (phases[phase][f"ours@32{' ' + mode if mode else ''}"].median()
-               / phases[phase]["baseline"].median())
+      ratio = phases[phase][_variant(32, mode)].median() / phases[phase]["baseline"].median()
       verdict = "met" if ratio >= target else "MISSED"
       lines.append(f"- {phase} at batch 32{label}: {ratio:.2f}x (target >= {target:g}x): "
                    f"{verdict}")
@@ -313,8 +317,8 @@ def mode_lines(phases, batch_sizes, extra_modes) -> list:
     for batch in batch_sizes:
       parts = []
       for phase in ("teacher training", "distillation"):
-        plain = phases[phase][f"ours@{batch}"].median()
-        other = phases[phase][f"ours@{batch} {mode}"].median()
+        plain = phases[phase][_variant(batch)].median()
+        other = phases[phase][_variant(batch, mode)].median()
         base = phases[phase]["baseline"].median()
         parts.append(f"{phase} {other:,.0f} img/s = {other / plain:.2f}x float32, "
                      f"{other / base:.2f}x notebook")

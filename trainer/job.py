@@ -256,9 +256,8 @@ class Job:
   def _seeded(self, build):
     # Uploads draw from Python's global `random` (google-cloud-storage's multipart boundaries):
     # let the upload threads go idle first, or initial weights would depend on network timing.
-    for target in (self.storage, self.log_mirror, self.checkpoint_mirror):
-      if target is not None:
-        target.flush()
+    for target in self._uploaders():
+      target.flush()
     keras.utils.set_random_seed(self.settings.seed)
     with self.strategy.scope():
       return build()
@@ -361,13 +360,17 @@ class Job:
       self.storage.flush()
       merged = markers
 
+  def _uploaders(self) -> list:
+    """The run's storage and its Vertex AI mirrors: whichever prepare() got to open."""
+    return [target for target in (getattr(self, "storage", None),
+                                  getattr(self, "log_mirror", None),
+                                  getattr(self, "checkpoint_mirror", None))
+            if target is not None]
+
   def _close_storage(self, quiet=False) -> bool:
     """Uploads everything queued and stops the upload threads; False if that failed (quiet)."""
     ok = True
-    for target in (getattr(self, "storage", None), getattr(self, "log_mirror", None),
-                   getattr(self, "checkpoint_mirror", None)):
-      if target is None:
-        continue
+    for target in self._uploaders():
       try:
         target.close()
       except StorageError as e:

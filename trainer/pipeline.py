@@ -49,7 +49,7 @@ class ArrayPipeline:
     usable = self.steps_per_epoch * self.global_batch_size
     end_epoch = epoch + 1 if end_epoch is None else end_epoch
     order = np.concatenate([epoch_order(self.num_examples, seed, e)[:usable]
-                            for e in range(epoch, max(end_epoch, epoch + 1))])
+                            for e in range(epoch, end_epoch)])
     order = order[start_step * self.global_batch_size:]
     return self._dataset_fn(order)
 
