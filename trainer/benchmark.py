@@ -407,7 +407,7 @@ def main(argv=None):
   parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (tracing)")
   parser.add_argument("--batch_sizes", default=f"32,{DEFAULT_BATCH_SIZE}",
-                      help="our batch sizes; the first must be the notebook's 32")
+                      help="batch sizes to run both sides at; the first must be the notebook's 32")
   parser.add_argument("--extra_modes", default="",
                       help=f"comma-separated, of {sorted(EXTRA_MODES)}: also time ours in these "
                            "modes at every batch size (xla: jit_compile; bf16/fp16: mixed "
