@@ -30,6 +30,11 @@ def _train(optimizer, steps=5):
   return [w.numpy() for w in net.weights]
 
 
+def _assert_same_weights(fused, reference):
+  for a, b in zip(fused, reference):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)  # rounding only: steps are ~1e-2
+
+
 @pytest.mark.parametrize("make_lr", [lambda: 1e-2, lambda: keras.optimizers.schedules.CosineDecay(
     1e-2, decay_steps=5)], ids=["constant", "cosine"])
 def test_fused_adam_matches_keras_adam(make_lr):
@@ -38,23 +43,20 @@ def test_fused_adam_matches_keras_adam(make_lr):
   initial = _train(keras.optimizers.SGD(0.0))
   moved = max(float(np.abs(a - b).max()) for a, b in zip(reference, initial))
   assert moved > 1e-3  # five steps at 1e-2 really moved the weights
-  for a, b in zip(fused, reference):
-    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)  # rounding only: steps are ~1e-2
+  _assert_same_weights(fused, reference)
 
 
 def test_fused_adam_falls_back_to_keras_for_amsgrad():
   fused = _train(FusedAdam(1e-2, amsgrad=True))
   reference = _train(keras.optimizers.Adam(1e-2, amsgrad=True))
-  for a, b in zip(fused, reference):
-    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)  # rounding only: steps are ~1e-2
+  _assert_same_weights(fused, reference)
 
 
 def test_fused_adam_under_loss_scaling_matches_keras_adam():
   """mixed_float16 wraps the optimizer in a LossScaleOptimizer; the fused kernel runs inside."""
   fused = _train(keras.optimizers.LossScaleOptimizer(FusedAdam(1e-2)))
   reference = _train(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)))
-  for a, b in zip(fused, reference):
-    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)  # rounding only: steps are ~1e-2
+  _assert_same_weights(fused, reference)
 
 
 def test_example_means_match_keras_metrics_over_uneven_batches():

@@ -279,7 +279,7 @@ def run_notebook(idx_dir, workdir) -> dict:
 def extrapolate_notebook(phases) -> dict:
   """Seconds the notebook's schedule would take at the measured baseline throughputs."""
   def rate(phase):
-    return phases[phase][_baseline(notebook_baseline.BATCH_SIZE)].median()
+    return _median(phases, phase, _baseline(notebook_baseline.BATCH_SIZE))
   parts = {
       "teacher": notebook_baseline.TEACHER_EPOCHS * NOTEBOOK_TRAIN_EXAMPLES
                  / rate("teacher training"),

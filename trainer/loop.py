@@ -47,8 +47,8 @@ def release_in_background(holder: list) -> None:
   """Drops the objects in `holder` (its only references) on a daemon thread.
 
   Destroying a used tf.data iterator blocked the caller for up to a second per epoch and, once,
-  47 s after a 12-epoch teacher (measured here; the cause is inside tf.data). Nothing waits for
-  that destruction, so it need not hold up the next model."""
+  47 s after a 12-epoch teacher (measured here; the root cause was not found). Nothing waits
+  for that destruction, so it need not hold up the next model."""
   objects = list(holder)
   holder.clear()
   threading.Thread(target=objects.clear, name="release-iterator", daemon=True).start()
