@@ -13,7 +13,7 @@ from trainer.errors import UsageError
 ALL_FLAGS = ("model_dir", "dataset", "data_dir", "idx_dir", "mode", "teacher_dir",
              "teacher_epochs", "student_epochs", "batch_size", "learning_rate", "seed",
              "max_train_examples", "validation_examples", "student", "student_index",
-             "strategy", "num_cpu_devices")
+             "strategy", "num_cpu_devices", "batch_slices")
 
 
 def test_student_spec_parsing():
@@ -93,6 +93,7 @@ BAD_INPUTS = {
     "corrupt_idx": (["--idx_dir={corrupt}"], "magic"),
     "students_without_teacher": ([f"--idx_dir={MNIST_DIR}", "--mode=students"], "needs a finished teacher"),
     "tfds_not_prepared": (["--data_dir={tmp}/empty_tfds"], "--idx_dir"),
+    "batch_slices_not_a_count": (["--batch_slices=0"], "--batch_slices"),
     "batch_larger_than_data": ([f"--idx_dir={MNIST_DIR}", "--max_train_examples=10"], "batch_size"),
 }
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import MNIST_DIR, SMOKE_ARGS, run_cli, tree_digest
-from trainer import idx
+from trainer import batch_slices, idx
 
 MODELS = ("teacher", "labels_only", "teacher_only", "distilled")
 RESULT_FIELDS = ("name", "params", "test_accuracy", "test_errors", "test_loss", "train_seconds",
@@ -46,6 +46,11 @@ def test_results_report(smoke_run):
                                                     "teacher_only"]
   assert summary["tensorflow"] == tf.__version__ and summary["replicas"] == 1
   assert summary["flags"]["batch_size"] == 64 and summary["dataset"].startswith("idx:")
+  # --batch_slices=auto on this CPU-only machine: one slice per core (2 on CI), and the
+  # threads that go with it, recorded for whoever reads the numbers later.
+  plan = batch_slices.plan("auto", 64, batch_slices.available_cores(), on_gpu=False)
+  assert (summary["batch_slices"], summary["intra_op_threads"]) == (plan.slices,
+                                                                    plan.intra_op_threads)
   for model in summary["models"]:
     for field in RESULT_FIELDS:
       assert model[field] is not None, (model["name"], field)

@@ -7,6 +7,7 @@ share one custom training loop, one loss reduction and one set of metric names.
 import keras
 import tensorflow as tf
 
+from trainer import batch_slices
 from trainer.distiller import sparse_ce_from_logits
 from trainer.metrics import ExampleMeans, correct_predictions
 
@@ -18,8 +19,11 @@ class Classifier(keras.Model):
     super().__init__(**kwargs)
     self.net = net
 
-  def compile(self, optimizer="adam", **kwargs):
+  def compile(self, optimizer="adam", slices=1, **kwargs):
+    """`slices` > 1 runs `net` over that many slices of each batch side by side
+    (trainer/batch_slices.py)."""
     super().compile(optimizer=optimizer, **kwargs)
+    self.slices = slices
     self.means = ExampleMeans(("loss", "accuracy"))  # one op per step for both
 
   @property
@@ -37,7 +41,7 @@ class Classifier(keras.Model):
   def train_step(self, data):
     images, labels = data[0], data[1]
     with tf.GradientTape() as tape:
-      logits = self.net(images, training=True)
+      logits = batch_slices.forward(self.net, images, True, self.slices)
       per_example = sparse_ce_from_logits(labels, logits)
       scaled = self.optimizer.scale_loss(tf.nn.compute_average_loss(per_example))
     variables = self.net.trainable_variables
@@ -45,5 +49,5 @@ class Classifier(keras.Model):
     return self._update_metrics(labels, logits, per_example)
 
   def test_step(self, data):
-    logits = self.net(data[0], training=False)
+    logits = batch_slices.forward(self.net, data[0], False, self.slices)
     return self._update_metrics(data[1], logits, sparse_ce_from_logits(data[1], logits))

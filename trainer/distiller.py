@@ -16,6 +16,7 @@ import functools
 import keras
 import tensorflow as tf
 
+from trainer import batch_slices
 from trainer.metrics import ExampleMeans, correct_predictions
 
 
@@ -45,12 +46,13 @@ class Distiller(keras.Model):
       teacher.trainable = False
 
   def compile(self, optimizer="adam", metrics=None, student_loss_fn=None,
-              distillation_loss_fn=None, alpha=0.5, temperature=4.0, **kwargs):
+              distillation_loss_fn=None, alpha=0.5, temperature=4.0, slices=1, **kwargs):
     """Notebook-style compile. The loss functions must return per-example losses.
 
     `distillation_loss_fn(teacher_logits, student_logits, temperature)` defaults to the T^2-scaled
     KL divergence; `student_loss_fn(labels, student_logits)` to sparse cross-entropy on logits.
-    `metrics` are extra metrics updated with (labels, student_logits).
+    `metrics` are extra metrics updated with (labels, student_logits). `slices` > 1 runs the
+    networks over that many slices of each batch side by side (trainer/batch_slices.py).
     """
     if not 0.0 <= alpha <= 1.0:
       raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -59,6 +61,7 @@ class Distiller(keras.Model):
     super().compile(optimizer=optimizer, **kwargs)
     self.alpha = float(alpha)
     self.temperature = float(temperature)
+    self.slices = slices
     self.student_loss_fn = student_loss_fn or sparse_ce_from_logits
     self.distillation_loss_fn = distillation_loss_fn or distillation_loss
     # Running means of loss, distillation_loss, student_loss and accuracy, in one variable.
@@ -77,7 +80,7 @@ class Distiller(keras.Model):
       return data[2]
     if self.teacher is None:
       raise ValueError("no teacher: pass batches of (images, labels, teacher_logits)")
-    return self.teacher(data[0], training=False)
+    return batch_slices.forward(self.teacher, data[0], False, self.slices)
 
   def _per_example_losses(self, data, student_logits):
     """Per-example (total, distillation, student) losses for one batch."""
@@ -102,7 +105,7 @@ class Distiller(keras.Model):
 
   def train_step(self, data):
     with tf.GradientTape() as tape:
-      student_logits = self.student(data[0], training=True)
+      student_logits = batch_slices.forward(self.student, data[0], True, self.slices)
       losses = self._per_example_losses(data, student_logits)
       loss = tf.nn.compute_average_loss(losses[0])
       scaled = self.optimizer.scale_loss(loss)
@@ -112,5 +115,5 @@ class Distiller(keras.Model):
     return self._update_metrics(data, student_logits, losses)
 
   def test_step(self, data):
-    student_logits = self.student(data[0], training=False)
+    student_logits = batch_slices.forward(self.student, data[0], False, self.slices)
     return self._update_metrics(data, student_logits, self._per_example_losses(data, student_logits))

@@ -7,13 +7,17 @@ count and the predictions are at hand for confusion matrices and misclassified e
 import numpy as np
 import tensorflow as tf
 
+from trainer import batch_slices
 from trainer.pipeline import normalize_images
 
 
-def predict_logits(net, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-  """Logits (float32 [N,10]) of `net` in inference mode, for uint8 images [N,28,28]."""
-  forward = tf.function(lambda x: tf.cast(net(normalize_images(x), training=False), tf.float32),
-                        reduce_retracing=True)
+def predict_logits(net, images: np.ndarray, batch_size: int = 1000,
+                   slices: int = 1) -> np.ndarray:
+  """Logits (float32 [N,10]) of `net` in inference mode, for uint8 images [N,28,28]; each batch
+  run as `slices` slices side by side (trainer/batch_slices.py)."""
+  forward = tf.function(
+      lambda x: tf.cast(batch_slices.forward(net, normalize_images(x), False, slices), tf.float32),
+      reduce_retracing=True)
   chunks = [forward(tf.constant(images[i:i + batch_size]))
             for i in range(0, len(images), batch_size)]
   return np.concatenate([c.numpy() for c in chunks]) if chunks else np.zeros((0, 10), np.float32)

@@ -148,6 +148,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("mixed_precision", "auto", PRECISIONS,
                     "auto: mixed_float16 on GPUs with compute capability >= 7, else float32.",
                     flag_values=fv)
+  flags.DEFINE_string(
+      "batch_slices", "auto",
+      "CPU only: run each replica's batch as N slices side by side, each on single-threaded "
+      "kernels (small kernels spread over all cores waste them on synchronisation). auto: one "
+      "slice per available core, at least 16 images each; 1: TensorFlow's default threading.",
+      flag_values=fv)
   # Distribution.
   flags.DEFINE_enum("strategy", "auto", STRATEGIES,
                     "auto: multi_worker when TF_CONFIG names several workers, mirrored with "
@@ -190,6 +196,7 @@ class Settings:
   teacher_logits: str
   jit_compile: bool
   mixed_precision: str
+  batch_slices: str
   strategy: str
   num_cpu_devices: int
   profile_steps: Optional[tuple]
@@ -226,6 +233,14 @@ def _parse_profile_steps(raw):
   if not 0 <= start < end:
     raise UsageError(f"--profile_steps={raw!r}: need 0 <= START < END")
   return (start, end)
+
+
+def parse_batch_slices(raw: str) -> str:
+  """'auto' or a positive integer (as text); UsageError otherwise."""
+  raw = raw.strip()
+  if raw == "auto" or (raw.isdigit() and int(raw) >= 1):
+    return raw if raw == "auto" else str(int(raw))
+  raise UsageError(f"--batch_slices={raw!r}: expected 'auto' or a positive integer")
 
 
 def _default_model_dir(environ) -> str:
@@ -268,6 +283,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Set
       teacher_logits=fv.teacher_logits,
       jit_compile=fv.jit_compile,
       mixed_precision=fv.mixed_precision,
+      batch_slices=parse_batch_slices(fv.batch_slices),
       strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices,
       profile_steps=_parse_profile_steps(fv.profile_steps),

@@ -21,8 +21,8 @@ import keras
 import tensorflow as tf
 
 import trainer
-from trainer import (comparison, data, distribution, evaluation, export, hparams_logging, models,
-                     results, storage, summaries, teacher_cache)
+from trainer import (batch_slices, comparison, data, distribution, evaluation, export,
+                     hparams_logging, models, results, storage, summaries, teacher_cache)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError, UsageError
@@ -90,6 +90,7 @@ class Job:
     self.log_mirror = self._open_mirror("AIP_TENSORBOARD_LOG_DIR",
                                         os.path.join(self.dir, "logs"), f"{s.model_dir}/logs")
     self.checkpoint_mirror = self._open_mirror("AIP_CHECKPOINT_DIR", self.dir, s.model_dir)
+    self._plan_cpu_threads()  # before make_strategy: TensorFlow fixes its threads on start
     self.strategy = distribution.make_strategy(s.strategy, s.num_cpu_devices)
     self.chief = distribution.is_chief(self.strategy)
     self.replicas = self.strategy.num_replicas_in_sync
@@ -114,6 +115,18 @@ class Job:
                        f"{len(self.splits.train_labels)} training examples")
     if s.validation_examples == 0:
       raise UsageError("--validation_examples must be > 0: validation drives model selection")
+
+  def _plan_cpu_threads(self):
+    s = self.settings
+    cores = batch_slices.available_cores()
+    workers = max(1, distribution.tf_config_workers())
+    chosen = batch_slices.plan(s.batch_slices, s.batch_size // workers, cores,
+                               on_gpu=bool(tf.config.list_physical_devices("GPU")),
+                               cpu_devices=s.num_cpu_devices)
+    self.slices = chosen.slices
+    self.intra_op_threads = batch_slices.apply_threads(chosen)
+    logging.info("Batch slices per replica: %d; intra-op threads: %s (%d cores available)",
+                 self.slices, self.intra_op_threads or "TensorFlow default", cores)
 
   def _open_mirror(self, variable, local_dir, same_as):
     """Vertex AI: a copy of part of the run also goes where $variable points (gs:// only),
@@ -221,7 +234,7 @@ class Job:
 
   def _finish(self, name, net, role, seconds, validation_metrics, examples_trained, extra=None):
     """Evaluates on the test split, exports, and writes the result.json marker last."""
-    logits = evaluation.predict_logits(net, self.splits.test_images)
+    logits = evaluation.predict_logits(net, self.splits.test_images, slices=self.slices)
     report = evaluation.test_report(logits, self.splits.test_labels)
     result = dict(name=name, role=role, params=int(net.count_params()), **report,
                   validation_accuracy=validation_metrics["accuracy"],
@@ -275,7 +288,7 @@ class Job:
     with self.strategy.scope():
       model = Classifier(net)
       model.compile(optimizer=self._optimizer(s.learning_rate, s.teacher_epochs,
-                                            train.steps_per_epoch))
+                                            train.steps_per_epoch), slices=self.slices)
     self._check_stop(TEACHER)
     _, seconds, val, steps = self._train(TEACHER, model, net, train, validation,
                                          s.teacher_epochs)
@@ -289,7 +302,8 @@ class Job:
 
   def teacher_logits(self, teacher):
     """Teacher logits on train and validation, computed once and kept in model_dir."""
-    return teacher_cache.load_or_compute(teacher, self.splits, self.storage, write=self.chief)
+    return teacher_cache.load_or_compute(teacher, self.splits, self.storage, write=self.chief,
+                                         slices=self.slices)
 
   def run_student(self, spec, teacher, cached_logits):
     s = self.settings
@@ -308,7 +322,7 @@ class Job:
       distiller = Distiller(net, teacher=None if cached_logits else teacher)
       distiller.compile(optimizer=self._optimizer(s.student_learning_rate, s.student_epochs,
                                                  train.steps_per_epoch),
-                        alpha=spec.alpha, temperature=spec.temperature)
+                        alpha=spec.alpha, temperature=spec.temperature, slices=self.slices)
     _, seconds, val, steps = self._train(spec.name, distiller, net, train, validation,
                                          s.student_epochs)
     self._finish(spec.name, net, "student", seconds, val,
@@ -323,6 +337,7 @@ class Job:
             "tensorflow": tf.__version__, "keras": keras.__version__,
             "mnist_distill": trainer.__version__, "precision": self.precision,
             "jit_compile": s.jit_compile, "global_batch_size": s.batch_size,
+            "batch_slices": self.slices, "intra_op_threads": self.intra_op_threads,
             "flags": s.flag_dict()}
 
   def _finished_in_bucket(self) -> set:

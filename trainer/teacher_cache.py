@@ -34,7 +34,7 @@ def _images_digest(splits) -> str:
   return digest.hexdigest()
 
 
-def load_or_compute(teacher, splits, run_storage, write: bool):
+def load_or_compute(teacher, splits, run_storage, write: bool, slices: int = 1):
   """(train logits, validation logits) of `teacher`, from the cache or computed and cached."""
   key = {"images_sha256": _images_digest(splits), "teacher_params": teacher.count_params(),
          "teacher_weights_sha256": weights_digest(teacher)}
@@ -50,8 +50,8 @@ def load_or_compute(teacher, splits, run_storage, write: bool):
   except (OSError, ValueError):
     pass
   started = time.perf_counter()
-  train = evaluation.predict_logits(teacher, splits.train_images)
-  validation = evaluation.predict_logits(teacher, splits.validation_images)
+  train = evaluation.predict_logits(teacher, splits.train_images, slices=slices)
+  validation = evaluation.predict_logits(teacher, splits.validation_images, slices=slices)
   logging.info("Cached teacher logits for %d examples in %.1fs", len(train) + len(validation),
                time.perf_counter() - started)
   if write:
