@@ -5,6 +5,10 @@ batches and each replica gathers its own contiguous part. That makes the data or
 function of (seed, epoch, step), which is what exact resume after preemption needs, and makes N
 replicas see exactly the global batch one device would see. Images stay uint8 until after the
 gather, then are normalized as a whole batch.
+
+Training elements are gathered GATHER_BATCHES batches at a time and unbatched: tf.data's fixed
+cost per element of a parallel map (a function call, a thread handoff, autotune bookkeeping)
+is then paid once per 16 batches. At the student's batch 32 that cost was 13% of the step.
 """
 
 import numpy as np
@@ -12,9 +16,11 @@ import tensorflow as tf
 
 from trainer.errors import UsageError
 
+GATHER_BATCHES = 16  # per-replica batches gathered by one training map call
+
 
 def normalize_images(images):
-  """uint8 [b,28,28] -> float32 [b,28,28,1] in [0, 1]."""
+  """uint8 [...,28,28] -> float32 [...,28,28,1] in [0, 1]."""
   return tf.expand_dims(tf.cast(images, tf.float32) * (1.0 / 255.0), -1)
 
 
@@ -51,13 +57,15 @@ class ArrayPipeline:
     order = np.concatenate([epoch_order(self.num_examples, seed, e)[:usable]
                             for e in range(epoch, end_epoch)])
     order = order[start_step * self.global_batch_size:]
-    return self._dataset_fn(order)
+    return self._dataset_fn(order, GATHER_BATCHES)
 
   def eval_fn(self):
     """dataset_fn covering every example once, in order; the last batch may be partial."""
-    return self._dataset_fn(np.arange(self.num_examples, dtype=np.int32))
+    return self._dataset_fn(np.arange(self.num_examples, dtype=np.int32), 1)
 
-  def _dataset_fn(self, order: np.ndarray):
+  def _dataset_fn(self, order: np.ndarray, batches_per_gather: int):
+    """Per-replica batches of `order`, `batches_per_gather` gathered at once (> 1 only when
+    every batch is full, as in training)."""
     order = tf.constant(order, tf.int32)
     total = int(order.shape[0])
     global_batch, per_replica = self.global_batch_size, self.per_replica_batch_size
@@ -70,18 +78,33 @@ class ArrayPipeline:
       replicas = input_context.num_replicas_in_sync if input_context else 1
       local = replicas // workers
 
-      def gather(row):
+      def first_example(row):  # row: this worker's (step, local replica) in sequence
         step, local_replica = row // local, row % local
-        start = step * global_batch + (worker * local + local_replica) * per_replica
-        start = tf.minimum(start, total)
+        return step * global_batch + (worker * local + local_replica) * per_replica
+
+      def gather(row):
+        start = tf.minimum(first_example(row), total)
         end = tf.minimum(start + per_replica, total)
         index = order[start:end]
         batch = [tf.gather(t, index) for t in tensors]
         batch[0] = normalize_images(batch[0])
         return tuple(batch)
 
-      ds = tf.data.Dataset.range(steps * local)
-      ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      def gather_full_batches(first_row):
+        rows = tf.range(first_row, tf.minimum(first_row + batches_per_gather, steps * local))
+        index = tf.gather(order, first_example(rows)[:, None]
+                          + tf.range(per_replica, dtype=tf.int64)[None, :])
+        batches = [tf.gather(t, index) for t in tensors]  # [rows, per_replica, ...]
+        batches[0] = normalize_images(batches[0])
+        return tuple(batches)
+
+      if batches_per_gather > 1:
+        ds = tf.data.Dataset.range(0, steps * local, batches_per_gather)
+        ds = ds.map(gather_full_batches, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.unbatch()
+      else:
+        ds = tf.data.Dataset.range(steps * local)
+        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       options = tf.data.Options()
       options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
       return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
