@@ -6,12 +6,20 @@ On the same real-MNIST subset and in the same process, it alternates runs of
   * the baseline (trainer/notebook_baseline.py): Keras `Model.fit`/`evaluate` on numpy float
     arrays, the teacher run inside every distillation step; and
   * ours: ArrayPipeline + TrainingLoop (STEPS_PER_CALL steps per tf.function call, FusedAdam,
-    one-variable metrics), students fed the teacher logits computed once, and with
-    `--extra_modes` also in bf16/XLA,
+    one-variable metrics, batches run as slices side by side as `--batch_slices` says),
+    students fed the teacher logits computed once, and with `--extra_modes` also in bf16/XLA,
 each at every batch size of `--batch_sizes` (the notebook's 32, then our default 256), and
 prints images/second for teacher training, distillation and evaluation, each the median of
 `--runs` runs after `--warmup` runs (which pay for tracing), with the ratio ours/baseline at
 the same batch size (the targets), and our default batch against the notebook's 32.
+
+Batch slices need TensorFlow's intra-op threads set for the whole process (one per slice's
+share of the cores), and the baseline in this process runs with them too. That can help or
+hurt it, so a partner process measures the baseline again with TensorFlow's default threads
+(as the notebook ran), taking turns with this one round by round (one process idles while the
+other measures, so both see the machine in the same state), and every ratio is taken against
+the faster of the two baselines.
+
 Training is timed per epoch of the subset: fit's whole call (its numpy adapter included); our
 loop's training steps (its iterator is created just before, ~0.02 s, and its per-epoch
 validation and checkpoint, which fit does not do, come after).
@@ -36,10 +44,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import evaluation, idx, models, notebook_baseline
+from trainer import batch_slices, evaluation, idx, models, notebook_baseline
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
-from trainer.flags import DEFAULT_STUDENTS
+from trainer.errors import UsageError
+from trainer.flags import DEFAULT_STUDENTS, parse_batch_slices
 from trainer.loop import Evaluator, LoopConfig, TrainingLoop
 from trainer.optimizers import FusedAdam
 from trainer.pipeline import ArrayPipeline
@@ -99,15 +108,19 @@ def _variant(batch, mode="") -> str:
   return f"ours@{batch}" + (f" {mode}" if mode else "")
 
 
-def _baseline(batch) -> str:
-  """Name of the baseline measured at `batch`, e.g. 'baseline@32'."""
-  return f"baseline@{batch}"
+def _baseline(batch, threads="") -> str:
+  """Name of the baseline measured at `batch`: 'baseline@32' in this process, or with
+  threads=DEFAULT_THREADS 'baseline@32 tf-default-threads' from the second process."""
+  return f"baseline@{batch}" + (f" {threads}" if threads else "")
+
+
+DEFAULT_THREADS = "tf-default-threads"
 
 
 def _ours_variants(build, images, labels, batch_sizes, extras, workdir, extra_modes):
   """{variant: run} for our loop at each batch size, then each extra mode at each batch size.
 
-  `build()` returns (model, net) compiled under the current dtype policy."""
+  `build(batch)` returns (model, net) compiled under the current dtype policy."""
   variants = {}
   runs = [(_variant(batch), batch, "float32", False) for batch in batch_sizes]
   runs += [(_variant(batch, mode), batch, *EXTRA_MODES[mode])
@@ -115,7 +128,7 @@ def _ours_variants(build, images, labels, batch_sizes, extras, workdir, extra_mo
   for name, batch, policy, jit in runs:
     keras.mixed_precision.set_dtype_policy(policy)  # layers keep the policy they were built in
     keras.utils.set_random_seed(0)
-    model, net = build()
+    model, net = build(batch)
     variants[name] = _OursTrainer(model, net, images, labels, batch, extras, workdir, jit).epoch
     keras.mixed_precision.set_dtype_policy("float32")
   return variants
@@ -151,21 +164,74 @@ def _baseline_variants(models_by_batch: dict, run, x, y) -> dict:
           for batch, model in models_by_batch.items()}
 
 
-def _alternate(variants: dict, runs: int, warmup: int) -> dict:
-  """Runs every variant once per round, `warmup + runs` rounds; {variant: Timings}."""
+class _Partner:
+  """The second process: the baseline with TensorFlow's default threads (as the notebook
+  runs), measured in turns with this process, one round each, so that both see the machine
+  at the same time. Its rounds' images/second come back as 'baseline@B tf-default-threads'."""
+
+  def __init__(self, argv, log_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"}
+    env.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    self.log_path = log_path
+    self._log = open(log_path, "w")
+    self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=self._log, text=True)
+
+  def take_turn(self) -> dict:
+    """Lets the partner run one round; {its variant + DEFAULT_THREADS suffix: img/s}."""
+    self.proc.stdin.write("go\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the default-threads baseline process ended; see {self.log_path}")
+    return {f"{name} {DEFAULT_THREADS}": value for name, value in json.loads(line).items()}
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+    self._log.close()
+
+
+class _AsPartner:
+  """This process's side when it is the partner: waits for its turn, runs, reports, and is
+  idle again before the main process measures."""
+
+  def take_turn(self, variants: dict) -> dict:
+    if not sys.stdin.readline():
+      raise SystemExit("benchmark partner: the main process went away")
+    measured = {name: run() for name, run in variants.items()}
+    print(json.dumps(measured), flush=True)
+    return measured
+
+
+def _alternate(variants: dict, runs: int, warmup: int, turns=None) -> dict:
+  """Runs every variant once per round, `warmup + runs` rounds; {variant: Timings}. With
+  `turns`, each round also takes one turn with the other process (see _Partner)."""
   timings = {name: Timings(warmup=warmup) for name in variants}
   for round_ in range(warmup + runs):
-    for name, run in variants.items():
-      timings[name].values.append(run())
-      print(f"round {round_ + 1}/{warmup + runs} {name}: {timings[name].values[-1]:.0f} "
-            "images/s", file=sys.stderr, flush=True)  # progress: a full run takes a while
+    if isinstance(turns, _AsPartner):
+      measured = turns.take_turn(variants)
+    else:
+      measured = {}
+      for name, run in variants.items():
+        measured[name] = run()
+        print(f"round {round_ + 1}/{warmup + runs} {name}: {measured[name]:.0f} images/s",
+              file=sys.stderr, flush=True)  # progress: a full run takes a while
+      if turns is not None:
+        measured.update(turns.take_turn())
+    for name, value in measured.items():
+      timings.setdefault(name, Timings(warmup=warmup)).values.append(value)
   return timings
 
 
 def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAULT_BATCH_SIZE),
-                       workdir=None, alpha=0.5, temperature=4.0, extra_modes=()) -> dict:
+                       workdir=None, alpha=0.5, temperature=4.0, extra_modes=(), slices=None,
+                       baseline_only=False, turns=None) -> dict:
   """{phase: {variant: Timings}} for baseline and ours at each batch size; plus the time the
-  one-off teacher-logits computation took."""
+  one-off teacher-logits computation took. `slices[batch]`: our batch slices at that size
+  (default 1); `baseline_only` skips ours (the partner process); `turns`: see _alternate."""
+  slices = slices or {batch: 1 for batch in batch_sizes}
   keras.mixed_precision.set_dtype_policy("float32")
   workdir = workdir or tempfile.mkdtemp(prefix="mnist-distill-bench-")
   x, y = notebook_baseline.float_images(images), labels.astype(np.int64)
@@ -178,21 +244,25 @@ def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAUL
 
   baseline_teachers = {batch: baseline_teacher() for batch in batch_sizes}
 
-  def build_teacher():
+  def build_teacher(batch):
     net = models.build_teacher()
     model = Classifier(net)
-    model.compile(optimizer=FusedAdam())
+    model.compile(optimizer=FusedAdam(), slices=slices[batch])
     return model, net
 
+  def ours(build, extras):
+    if baseline_only:
+      return {}
+    return _ours_variants(build, images, labels, batch_sizes, extras, workdir, extra_modes)
+
   variants = _baseline_variants(baseline_teachers, _fit_run, x, y)
-  variants.update(_ours_variants(build_teacher, images, labels, batch_sizes, None, workdir,
-                                 extra_modes))
-  results["teacher training"] = _alternate(variants, runs, warmup)
+  variants.update(ours(build_teacher, None))
+  results["teacher training"] = _alternate(variants, runs, warmup, turns)
 
   # Trained above at the notebook's batch size: the same teacher for both sides from here on.
   teacher = baseline_teachers[batch_sizes[0]]
   started = time.perf_counter()
-  cached = evaluation.predict_logits(teacher, images)
+  cached = evaluation.predict_logits(teacher, images, slices=slices[batch_sizes[-1]])
   logits_seconds = time.perf_counter() - started
 
   def baseline_distiller():
@@ -202,31 +272,31 @@ def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAUL
   baseline_distillers = {batch: baseline_distiller() for batch in batch_sizes}
   built = []  # in _ours_variants' order: one per batch size first (float32, no XLA)
 
-  def build_student():
+  def build_student(batch):
     net = models.build_student()
     distiller = Distiller(net)
-    distiller.compile(optimizer=FusedAdam(), alpha=alpha, temperature=temperature)
+    distiller.compile(optimizer=FusedAdam(), alpha=alpha, temperature=temperature,
+                      slices=slices[batch])
     built.append(distiller)
     return distiller, net
 
   variants = _baseline_variants(baseline_distillers, _fit_run, x, y)
-  variants.update(_ours_variants(build_student, images, labels, batch_sizes, cached, workdir,
-                                 extra_modes))
+  variants.update(ours(build_student, cached))
   students = dict(zip(batch_sizes, built))
-  results["distillation"] = _alternate(variants, runs, warmup)
+  results["distillation"] = _alternate(variants, runs, warmup, turns)
 
-  teacher_model = Classifier(teacher)
-  teacher_model.compile()
   variants = _baseline_variants({batch: teacher for batch in batch_sizes}, _evaluate_run, x, y)
-  for batch in batch_sizes:
+  for batch in batch_sizes if not baseline_only else ():
+    teacher_model = Classifier(teacher)
+    teacher_model.compile(slices=slices[batch])
     variants[_variant(batch)] = _OursEvaluator(teacher_model, images, labels, batch).run
-  results["evaluation (teacher)"] = _alternate(variants, runs, warmup)
+  results["evaluation (teacher)"] = _alternate(variants, runs, warmup, turns)
 
   variants = _baseline_variants(baseline_distillers, _evaluate_run, x, y)
-  for batch in batch_sizes:
+  for batch in batch_sizes if not baseline_only else ():
     variants[_variant(batch)] = _OursEvaluator(students[batch], images, labels, batch,
                                                cached).run
-  results["evaluation (student)"] = _alternate(variants, runs, warmup)
+  results["evaluation (student)"] = _alternate(variants, runs, warmup, turns)
   return {"phases": results, "teacher_logits_seconds": logits_seconds,
           "teacher_logits_images": int(len(labels))}
 
@@ -276,10 +346,26 @@ def run_notebook(idx_dir, workdir) -> dict:
   return report
 
 
+def start_partner(args, workdir) -> _Partner:
+  """The default-threads baseline process, started with this run's data and batch sizes."""
+  argv = [sys.executable, "-m", "trainer.benchmark", "--as_partner", "--batch_slices=1",
+          f"--idx_dir={args.idx_dir}", f"--examples={args.examples}", f"--runs={args.runs}",
+          f"--warmup={args.warmup}", f"--batch_sizes={args.batch_sizes}", "--job=none",
+          f"--workdir={os.path.join(workdir, 'default-threads')}"]
+  return _Partner(argv, os.path.join(workdir, "baseline-default-threads.log"))
+
+
+def _notebook_rate(phases, phase, batch) -> float:
+  """The faster of the baseline's medians at `batch`: in this process, and in the second one
+  with TensorFlow's default threads. Every target is taken against this."""
+  names = (_baseline(batch), _baseline(batch, DEFAULT_THREADS))
+  return max(_median(phases, phase, name) for name in names if name in phases[phase])
+
+
 def extrapolate_notebook(phases) -> dict:
   """Seconds the notebook's schedule would take at the measured baseline throughputs."""
   def rate(phase):
-    return _median(phases, phase, _baseline(notebook_baseline.BATCH_SIZE))
+    return _notebook_rate(phases, phase, notebook_baseline.BATCH_SIZE)
   parts = {
       "teacher": notebook_baseline.TEACHER_EPOCHS * NOTEBOOK_TRAIN_EXAMPLES
                  / rate("teacher training"),
@@ -302,19 +388,19 @@ def _median(phases, phase, variant) -> float:
 
 
 def throughput_table(phases, batch_sizes) -> str:
-  """One row per phase: at each batch size the notebook's way, ours, and ours/notebook."""
-  header = ["phase"]
-  for batch in batch_sizes:
-    header += [f"notebook, batch {batch} (img/s)", f"ours, batch {batch} (img/s)",
-               "ours/notebook"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  """One row per phase and batch size: the notebook's way with TensorFlow's default threads
+  and in our process, ours, and ours over the faster of the two."""
+  header = ["phase", "batch", "notebook, TF default threads (img/s)",
+            "notebook, in our process (img/s)", "ours (img/s)", "ours / faster notebook"]
+  lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|---:|"]
   for phase in PHASES:
-    row = [phase]
     for batch in batch_sizes:
-      base = _median(phases, phase, _baseline(batch))
       ours = _median(phases, phase, _variant(batch))
-      row += [f"{base:,.0f}", f"{ours:,.0f}", _fmt_ratio(ours, base)]
-    lines.append("| " + " | ".join(row) + " |")
+      default_threads = _median(phases, phase, _baseline(batch, DEFAULT_THREADS))
+      row = [phase, str(batch), f"{default_threads:,.0f}",
+             f"{_median(phases, phase, _baseline(batch)):,.0f}", f"{ours:,.0f}",
+             _fmt_ratio(ours, _notebook_rate(phases, phase, batch))]
+      lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
@@ -327,7 +413,7 @@ def target_lines(phases, batch_sizes, extra_modes=()) -> list:
     for batch in batch_sizes:
       for phase, target in TARGETS.items():
         ratio = (_median(phases, phase, _variant(batch, mode))
-                 / _median(phases, phase, _baseline(batch)))
+                 / _notebook_rate(phases, phase, batch))
         verdict = "met" if ratio >= target else "MISSED"
         lines.append(f"- {phase} at batch {batch}{label}: {ratio:.2f}x (target >= "
                      f"{target:g}x): {verdict}")
@@ -337,11 +423,12 @@ def target_lines(phases, batch_sizes, extra_modes=()) -> list:
 def default_batch_lines(phases, batch_sizes) -> list:
   """Ours at each larger batch size against the notebook at its own batch 32: what changing
   the batch size adds on top (not the targets, which compare equal batch sizes)."""
-  notebook = _baseline(notebook_baseline.BATCH_SIZE)
+  notebook = notebook_baseline.BATCH_SIZE
   lines = []
   for batch in batch_sizes[1:]:
     parts = [f"{phase} " + _fmt_ratio(_median(phases, phase, _variant(batch)),
-                                      _median(phases, phase, notebook)) for phase in TARGETS]
+                                      _notebook_rate(phases, phase, notebook))
+             for phase in TARGETS]
     lines.append(f"- ours at batch {batch} vs the notebook at batch 32: " + ", ".join(parts))
   return lines
 
@@ -359,7 +446,7 @@ def mode_lines(phases, batch_sizes, extra_modes) -> list:
       for phase in TARGETS:
         plain = _median(phases, phase, _variant(batch))
         other = _median(phases, phase, _variant(batch, mode))
-        base = _median(phases, phase, _baseline(batch))
+        base = _notebook_rate(phases, phase, batch)
         parts.append(f"{phase} {other:,.0f} img/s = {other / plain:.2f}x float32, "
                      f"{other / base:.2f}x notebook")
       lines.append(f"- ours at batch {batch} in {_mode_label(mode)}: " + "; ".join(parts))
@@ -419,6 +506,10 @@ def main(argv=None):
                       help="extra flags of the --job=subset run")
   parser.add_argument("--notebook", choices=("extrapolate", "full"), default="extrapolate",
                       help="full: also run the notebook's whole schedule (about 15+ minutes)")
+  parser.add_argument("--batch_slices", default="auto", type=_batch_slices_arg,
+                      help="ours: as the job's --batch_slices (auto: one slice per core)")
+  parser.add_argument("--as_partner", action="store_true",
+                      help="internal: be the default-threads baseline process of another run")
   parser.add_argument("--workdir", default=None)
   parser.add_argument("--json_out", default=None, help="also write every measurement here")
   args = parser.parse_args(argv)
@@ -429,6 +520,13 @@ def main(argv=None):
     parser.error("--batch_sizes must start with 32, the notebook's batch size")
   if any(args.examples % b for b in batch_sizes):
     parser.error("--examples must be a multiple of every batch size")
+  # First, before TensorFlow starts: threads for our default batch size's slices.
+  cores = batch_slices.available_cores()
+  on_gpu = bool(tf.config.list_physical_devices("GPU"))
+  plans = {batch: batch_slices.plan(args.batch_slices, batch, cores, on_gpu)
+           for batch in batch_sizes}
+  intra_threads = batch_slices.apply_threads(plans[max(batch_sizes)])
+  slices = {batch: plan.slices for batch, plan in plans.items()}
   tf.get_logger().setLevel("ERROR")  # each measured variant traces its own functions once
   workdir = args.workdir or tempfile.mkdtemp(prefix="mnist-distill-bench-")
   os.makedirs(workdir, exist_ok=True)
@@ -442,9 +540,22 @@ def main(argv=None):
   unknown = sorted(set(extra_modes) - set(EXTRA_MODES))
   if unknown:
     parser.error(f"--extra_modes: unknown {unknown}; choose from {sorted(EXTRA_MODES)}")
-  measured = measure_throughput(images, labels, args.runs, args.warmup, batch_sizes, workdir,
-                                extra_modes=extra_modes)
+  if args.as_partner:
+    measure_throughput(images, labels, args.runs, args.warmup, batch_sizes, workdir,
+                       baseline_only=True, turns=_AsPartner())
+    return 0
+  # Threads changed for our slices: the notebook's own way runs in a partner process.
+  partner = start_partner(args, workdir) if intra_threads else None
+  try:
+    measured = measure_throughput(images, labels, args.runs, args.warmup, batch_sizes, workdir,
+                                  extra_modes=extra_modes, slices=slices, turns=partner)
+  finally:
+    if partner is not None:
+      partner.close()
   phases = measured["phases"]
+  if partner is None:  # this process already runs TensorFlow's default threads
+    for phase in phases.values():
+      phase.update({_baseline(b, DEFAULT_THREADS): phase[_baseline(b)] for b in batch_sizes})
   job = None if args.job == "none" else run_default_job(
       args.idx_dir, workdir, args.job == "full", args.subset_job_args.split())
   if job is not None:
@@ -456,7 +567,9 @@ def main(argv=None):
   print(f"## Benchmark: notebook baseline vs ours ({started}, {cpu} CPU cores, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__})")
   print(f"{args.examples} real MNIST training images per run; median of {args.runs} runs "
-        f"after {args.warmup} warm-up; runs of each variant alternate.")
+        f"after {args.warmup} warm-up; runs of each variant alternate. Ours: batch slices "
+        + ", ".join(f"{slices[b]} at {b}" for b in batch_sizes)
+        + f", intra-op threads {intra_threads or 'TF default'}.")
   print()
   print(throughput_table(phases, batch_sizes))
   print()
@@ -474,7 +587,8 @@ def main(argv=None):
   if args.json_out:
     payload = {
         "date": started, "cpu_count": cpu, "examples": args.examples, "runs": args.runs,
-        "warmup": args.warmup, "batch_sizes": batch_sizes,
+        "warmup": args.warmup, "batch_sizes": batch_sizes, "batch_slices": slices,
+        "intra_op_threads": intra_threads,
         "throughput": {p: {v: t.values for v, t in vs.items()} for p, vs in phases.items()},
         "median": {p: {v: t.median() for v, t in vs.items()} for p, vs in phases.items()},
         "teacher_logits_seconds": measured["teacher_logits_seconds"],
@@ -483,6 +597,13 @@ def main(argv=None):
     with open(args.json_out, "w") as f:
       json.dump(payload, f, indent=1, default=str)
   return 0
+
+
+def _batch_slices_arg(raw):
+  try:
+    return parse_batch_slices(raw)
+  except UsageError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 if __name__ == "__main__":
