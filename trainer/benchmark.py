@@ -164,15 +164,20 @@ def _baseline_variants(models_by_batch: dict, run, x, y) -> dict:
           for batch, model in models_by_batch.items()}
 
 
+def _child_env() -> dict:
+  """Environment of the benchmark's child processes: this repo importable, TF's logs quiet."""
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              TF_CPP_MIN_LOG_LEVEL="2")
+
+
 class _Partner:
   """The second process: the baseline with TensorFlow's default threads (as the notebook
   runs), measured in turns with this process, one round each, so that both see the machine
   at the same time. Its rounds' images/second come back as 'baseline@B tf-default-threads'."""
 
   def __init__(self, argv, log_path):
-    env = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"}
-    env.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env = _child_env()
+    env.pop("TF_NUM_INTRAOP_THREADS", None)
     self.log_path = log_path
     self._log = open(log_path, "w")
     self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE,
@@ -262,7 +267,8 @@ def measure_throughput(images, labels, runs=3, warmup=1, batch_sizes=(32, DEFAUL
   # Trained above at the notebook's batch size: the same teacher for both sides from here on.
   teacher = baseline_teachers[batch_sizes[0]]
   started = time.perf_counter()
-  cached = evaluation.predict_logits(teacher, images, slices=slices[batch_sizes[-1]])
+  cached = None if baseline_only else evaluation.predict_logits(
+      teacher, images, slices=slices[batch_sizes[-1]])  # only ours reads cached logits
   logits_seconds = time.perf_counter() - started
 
   def baseline_distiller():
@@ -306,8 +312,7 @@ def run_subprocess(argv, workdir, name) -> dict:
 
   os.wait4 gives the resource usage of exactly this child (RUSAGE_CHILDREN would fold in every
   child this process ever waited for)."""
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             TF_CPP_MIN_LOG_LEVEL="2")
+  env = _child_env()
   log_path = os.path.join(workdir, f"{name}.log")
   out_path = os.path.join(workdir, f"{name}.out")
   started = time.perf_counter()
