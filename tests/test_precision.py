@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from helpers import MNIST_DIR, run_cli
-from trainer import idx, models
+from trainer import idx, losses, models
 from trainer.classifier import Classifier
-from trainer.distiller import Distiller, sparse_ce_from_logits
+from trainer.distiller import Distiller
 from trainer.job import resolve_precision
 from trainer.loop import LoopConfig, TrainingLoop
 from trainer.pipeline import ArrayPipeline, normalize_images
@@ -96,9 +96,10 @@ def test_mixed_float16_scales_the_loss_and_applies_unscaled_gradients(mnist, kin
   with tf.GradientTape() as tape:  # the float16 forward pass, loss not scaled
     logits = net(x, training=True)
     if kind == "teacher":
-      per_example = sparse_ce_from_logits(y, logits)
+      per_example = losses.sparse_cross_entropy(y, logits)
     else:
-      per_example = model._per_example_losses(batch, logits)[0]
+      per_example = losses.distillation_objective(y, logits, batch[2], model.distillation_weight,
+                                                  model.temperature).total
     loss = tf.nn.compute_average_loss(per_example)
   expected = [g.numpy() for g in tape.gradient(loss, net.trainable_variables)]
   before = [v.numpy() for v in net.trainable_variables]

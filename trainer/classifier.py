@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from trainer import batch_slices
-from trainer.distiller import sparse_ce_from_logits
+from trainer.losses import sparse_cross_entropy
 from trainer.metrics import ExampleMeans, correct_predictions
 
 
@@ -42,7 +42,7 @@ class Classifier(keras.Model):
     images, labels = data[0], data[1]
     with tf.GradientTape() as tape:
       logits = batch_slices.forward(self.net, images, True, self.slices)
-      per_example = sparse_ce_from_logits(labels, logits)
+      per_example = sparse_cross_entropy(labels, logits)
       scaled = self.optimizer.scale_loss(tf.nn.compute_average_loss(per_example))
     variables = self.net.trainable_variables
     self.optimizer.apply(tape.gradient(scaled, variables), variables)
@@ -50,4 +50,4 @@ class Classifier(keras.Model):
 
   def test_step(self, data):
     logits = batch_slices.forward(self.net, data[0], False, self.slices)
-    return self._update_metrics(data[1], logits, sparse_ce_from_logits(data[1], logits))
+    return self._update_metrics(data[1], logits, sparse_cross_entropy(data[1], logits))
