@@ -13,7 +13,7 @@ from helpers import MNIST_DIR, run_cli
 from trainer import idx, losses, models
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
-from trainer.job import resolve_precision
+from trainer.runtime import resolve_precision
 from trainer.loop import LoopConfig, TrainingLoop
 from trainer.pipeline import ArrayPipeline, normalize_images
 

@@ -1,12 +1,14 @@
-"""The pictures that compare models, drawn when results are merged.
+"""Per-model prediction files, and the pictures that compare models, drawn when results merge.
 
 Each finished model leaves <model>/test_predictions.npz (its test predictions, and the test
-digits it got wrong). The merge, which sees every model (also those other pods trained), turns
-them into PNGs in <model_dir>/figures/ (linked from results.md) and into TensorBoard images in
-logs/_comparison (a name no model can have: model names start with a letter or digit).
+digits it got wrong) and <model>/validation_predictions.npz (per-example correctness and
+cross-entropy on the validation split, which the choice of student is made from). The merge,
+which sees every model (also those other pods trained), turns them into PNGs in
+<model_dir>/figures/ (linked from results.md) and into TensorBoard images in logs/_comparison
+(a name no model can have: model names start with a letter or digit).
 
-"Best student" means the highest validation accuracy (ties: fewer parameters, then name): the
-test split only reports, it does not choose.
+The student in the error figure is the one the merge chose (trainer/selection.py) from
+validation data: the test split only reports, it does not choose.
 """
 
 import hashlib
@@ -16,13 +18,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer import figures
-from trainer.results import best_student
+from trainer import evaluation, figures, layout
 from trainer.summaries import png_summary_image
 
-PREDICTIONS_FILE = "test_predictions.npz"
-FIGURES_DIR = "figures"
-COMPARISON_RUN = "_comparison"
+PREDICTIONS_FILE = layout.PREDICTIONS
+FIGURES_DIR = layout.FIGURES
+COMPARISON_RUN = layout.COMPARISON_RUN
+VALIDATION_PREDICTIONS_FILE = "validation_predictions.npz"
 
 
 def images_digest(images) -> str:
@@ -35,12 +37,12 @@ def save_predictions(folder: str, images, labels, predictions) -> None:
   predictions = np.asarray(predictions)
   wrong = np.flatnonzero(predictions != labels).astype(np.int32)
   os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".tmp-{os.getpid()}-{PREDICTIONS_FILE}")
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, labels=labels.astype(np.uint8), predictions=predictions.astype(np.uint8),
-                        error_indices=wrong, error_images=np.asarray(images)[wrong],
-                        test_images_sha256=np.array(images_digest(images)))
-  os.replace(tmp, os.path.join(folder, PREDICTIONS_FILE))
+  with layout.atomic_path(os.path.join(folder, PREDICTIONS_FILE)) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, labels=labels.astype(np.uint8),
+                          predictions=predictions.astype(np.uint8), error_indices=wrong,
+                          error_images=np.asarray(images)[wrong],
+                          test_images_sha256=np.array(images_digest(images)))
 
 
 def load_predictions(model_dir: str, name: str):
@@ -52,17 +54,37 @@ def load_predictions(model_dir: str, name: str):
     return None
 
 
+def save_validation_predictions(folder: str, images, labels, logits) -> None:
+  """<folder>/validation_predictions.npz: per-example correctness and cross-entropy on the
+  validation split (from the network's logits), with a digest of the images, so that paired
+  tests only ever pair models that saw the same examples."""
+  labels = np.asarray(labels)
+  outputs = evaluation.per_example(logits, labels)
+  with layout.atomic_path(os.path.join(folder, VALIDATION_PREDICTIONS_FILE)) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, labels=labels.astype(np.uint8),
+                          predictions=np.asarray(logits).argmax(axis=-1).astype(np.uint8),
+                          correct=outputs["correct"], cross_entropy=outputs["cross_entropy"],
+                          validation_images_sha256=np.array(images_digest(images)))
+
+
+def load_validation_predictions(model_dir: str, name: str):
+  """A model's validation_predictions.npz as a dict of arrays, or None if it has none."""
+  try:
+    with np.load(os.path.join(model_dir, name, VALIDATION_PREDICTIONS_FILE)) as data:
+      return {key: data[key] for key in data.files}
+  except (OSError, ValueError, KeyError):
+    return None
+
+
 def _write_png(folder: str, name: str, png: bytes) -> str:
-  tmp = os.path.join(folder, f".tmp-{name}")
-  with open(tmp, "wb") as f:
-    f.write(png)
-  os.replace(tmp, os.path.join(folder, name))
+  layout.write_bytes(os.path.join(folder, name), png)
   return f"{FIGURES_DIR}/{name}"
 
 
-def _student_errors_figure(model_dir, models):
-  """Digits the best student gets wrong and the teacher gets right: (title, png) or None."""
-  student = best_student(models)
+def _student_errors_figure(model_dir, models, chosen):
+  """Digits the chosen student gets wrong and the teacher gets right: (title, png) or None."""
+  student = next((m for m in models if m["name"] == chosen and m.get("role") == "student"), None)
   teacher = next((m for m in models if m.get("role") == "teacher"), None)
   if student is None or teacher is None:
     return None
@@ -74,20 +96,23 @@ def _student_errors_figure(model_dir, models):
                     student["name"], teacher["name"])
     return None
   teacher_right = t["predictions"][s["error_indices"]] == s["labels"][s["error_indices"]]
-  chosen = s["error_indices"][teacher_right]
+  wrong = s["error_indices"][teacher_right]
   images = s["error_images"][teacher_right]
-  title = (f"{student['name']} (best student by validation accuracy) wrong, "
-           f"{teacher['name']} right: {len(chosen)} test digits")
+  title = (f"{student['name']} (the chosen student) wrong, "
+           f"{teacher['name']} right: {len(wrong)} test digits")
   caption = "label\u2192student's prediction"
-  if len(chosen) > figures.MAX_DIGITS:
+  if len(wrong) > figures.MAX_DIGITS:
     caption += f"; first {figures.MAX_DIGITS} shown"
-  png = figures.digits_png(images, s["labels"][chosen], s["predictions"][chosen], title,
-                           caption if len(chosen) else "none: the teacher misses them all too")
+  png = figures.digits_png(images, s["labels"][wrong], s["predictions"][wrong], title,
+                           caption if len(wrong) else "none: the teacher misses them all too")
   return title, png
 
 
-def write_report(model_dir: str, models) -> list:
+def write_report(model_dir: str, models, chosen=None) -> list:
   """Draws every comparison picture; returns [{"title", "path"}] for results.md.
+
+  `chosen` names the student the merge chose (trainer/selection.py): its test errors get a
+  figure (file and tag keep the name best_student_errors, which readers already know).
 
   Writes <model_dir>/figures/*.png (stale ones removed) and logs/_comparison (replaced).
   """
@@ -112,7 +137,7 @@ def write_report(model_dir: str, models) -> list:
         figures.accuracy_png(models, "params", "parameters (log scale)",
                              "test accuracy against parameter count", log_x=True),
         "accuracy_vs_params")
-  errors = _student_errors_figure(model_dir, models)
+  errors = _student_errors_figure(model_dir, models, chosen)
   if errors:
     add(errors[0], "best_student_errors.png", errors[1], "best_student_errors")
   for m in models:

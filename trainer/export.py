@@ -1,22 +1,11 @@
-"""Writes a trained network as a SavedModel (for serving) and a .keras file, each atomically.
-
-Each artifact is written under a temporary name and renamed into place, so a reader (or a pod
-restarted after preemption) never sees half an export.
-"""
-
-import os
-import shutil
+"""Writes a trained network as a SavedModel (for serving) and a .keras file, each atomically
+(trainer/layout.py), so a reader or a restarted pod never sees half an export."""
 
 import keras
 import tensorflow as tf
 
+from trainer import layout
 from trainer.pipeline import normalize_images
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.replace(tmp, final)
 
 
 def export_saved_model(net: keras.Model, path: str) -> None:
@@ -35,14 +24,11 @@ def export_saved_model(net: keras.Model, path: str) -> None:
 
   archive.add_endpoint("serving_default", serve,
                        input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="images")])
-  tmp = f"{path}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  archive.write_out(tmp, verbose=False)
-  _replace_dir(tmp, path)
+  with layout.atomic_path(path) as tmp:
+    archive.write_out(tmp, verbose=False)
 
 
 def save_keras(net: keras.Model, path: str) -> None:
   """The network as a .keras file (the teacher is reloaded from it by --mode=students)."""
-  tmp = f"{path}.tmp-{os.getpid()}.keras"
-  net.save(tmp)
-  os.replace(tmp, path)
+  with layout.atomic_path(path) as tmp:
+    net.save(tmp)

@@ -5,6 +5,8 @@ tests can parse a container's args with exactly the parser the job uses.
 """
 
 import dataclasses
+import math
+import os
 import re
 from typing import List, Optional, Sequence
 
@@ -19,6 +21,8 @@ DEFAULT_STUDENTS = (
     f"distilled:alpha=0.5,temperature={DEFAULT_TEMPERATURE:g}",
 )
 MODES = ("all", "teacher", "students", "report")
+MAX_SEED = 2**31 - 1  # TensorFlow's and NumPy's seeds both accept this range
+MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a typo
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -58,9 +62,9 @@ def parse_student(spec: str) -> StudentSpec:
         raise UsageError(f"--student={spec!r}: {key} must be a number, got {raw!r}") from None
   if not 0.0 <= values["alpha"] <= 1.0:
     raise UsageError(f"--student={spec!r}: alpha must be in [0, 1], got {values['alpha']:g}")
-  if not values["temperature"] > 0.0:
+  if not (math.isfinite(values["temperature"]) and values["temperature"] > 0.0):
     raise UsageError(
-        f"--student={spec!r}: temperature must be > 0, got {values['temperature']:g}")
+        f"--student={spec!r}: temperature must be > 0 and finite, got {values['temperature']:g}")
   return StudentSpec(name=name, **values)
 
 
@@ -117,12 +121,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_float("learning_rate", 2e-3,
                      "Teacher's Adam learning rate (cosine-decayed to 0 over its epochs).",
-                     lower_bound=0.0, flag_values=fv)
+                     flag_values=fv)
   flags.DEFINE_float("student_learning_rate", 1e-2,
                      "Students' Adam learning rate (cosine-decayed to 0): the 28k-parameter "
                      "students train best with a larger step than the teacher.",
-                     lower_bound=0.0, flag_values=fv)
-  flags.DEFINE_integer("seed", 42, "Seed for initial weights and data order.", flag_values=fv)
+                     flag_values=fv)
+  flags.DEFINE_integer("seed", 42, "Seed for initial weights and data order.", lower_bound=0,
+                       upper_bound=MAX_SEED, flag_values=fv)
   flags.DEFINE_integer("max_train_examples", None,
                        "Use at most this many training examples (smoke runs).", lower_bound=1,
                        flag_values=fv)
@@ -132,7 +137,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
       "validation_examples", 5000,
       "Examples held out from the end of the training split for validation; the test split "
-      "is only used for the final report.", lower_bound=0, flag_values=fv)
+      "is only used for the final report.", flag_values=fv)
   flags.DEFINE_integer("checkpoint_every_steps", None,
                        "Also checkpoint every N steps (a checkpoint is written every epoch).",
                        lower_bound=1, flag_values=fv)
@@ -169,43 +174,72 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.register_validator(
       "student", lambda specs: bool(specs),
       message="at least one --student is required", flag_values=fv)
+  flags.register_validator(
+      "validation_examples", lambda n: n is not None and n > 0,
+      message="--validation_examples must be > 0: validation drives model selection",
+      flag_values=fv)
+  for name in ("learning_rate", "student_learning_rate"):
+    flags.register_validator(name, lambda v: v is not None and math.isfinite(v) and v > 0,
+                             message=f"--{name} must be finite and > 0", flag_values=fv)
+  _check_ranges(fv)
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_ranges(fv: flags.FlagValues) -> None:
+  """Every number a user can pass is finite and within what its consumer accepts: floats must be
+  finite, integers at most MAX_COUNT (absl's lower bounds are set per flag)."""
+  for name in list(fv):
+    flag = fv[name]
+    if isinstance(flag.parser, flags.FloatParser):
+      flags.register_validator(name, lambda v: v is None or math.isfinite(v),
+                               message=f"--{name} must be a finite number", flag_values=fv)
+    elif isinstance(flag.parser, flags.IntegerParser) and flag.parser.upper_bound is None:
+      flags.register_validator(name, lambda v: v is None or v <= MAX_COUNT,
+                               message=f"--{name} must be at most {MAX_COUNT}", flag_values=fv)
+
+
 class Settings:
-  """Validated view of the flags that the rest of the job reads."""
+  """Validated, read-only view of the job's flags: one attribute per flag defined above (so a
+  new flag needs no second declaration), with defaults resolved, `students` parsed and only the
+  selected ones kept, and `batch_slices`/`profile_steps` normalized."""
 
-  model_dir: str
-  dataset: str
-  data_dir: Optional[str]
-  idx_dir: Optional[str]
-  teacher_dir: str
-  mode: str
-  students: tuple
-  teacher_epochs: int
-  student_epochs: int
-  batch_size: int
-  learning_rate: float
-  student_learning_rate: float
-  seed: int
-  max_train_examples: Optional[int]
-  max_test_examples: Optional[int]
-  validation_examples: int
-  checkpoint_every_steps: Optional[int]
-  deterministic: bool
-  teacher_logits: str
-  jit_compile: bool
-  mixed_precision: str
-  batch_slices: str
-  strategy: str
-  num_cpu_devices: int
-  profile_steps: Optional[tuple]
+  __slots__ = ("_values",)
+
+  def __init__(self, **values):
+    object.__setattr__(self, "_values", dict(values))
+
+  def __getattr__(self, name):
+    try:
+      return object.__getattribute__(self, "_values")[name]
+    except KeyError:
+      raise AttributeError(f"no setting {name!r}") from None
+
+  def __setattr__(self, name, value):
+    raise dataclasses.FrozenInstanceError(f"Settings are read-only (tried to set {name!r})")
+
+  def __eq__(self, other):
+    return isinstance(other, Settings) and self._values == other._values
+
+  def __repr__(self):
+    return f"Settings({', '.join(f'{k}={v!r}' for k, v in sorted(self._values.items()))})"
+
+  def replace(self, **changes) -> "Settings":
+    unknown = set(changes) - set(self._values)
+    if unknown:
+      raise AttributeError(f"no setting(s) {sorted(unknown)}")
+    return Settings(**{**self._values, **changes})
 
   def flag_dict(self) -> dict:
     """Plain dict of the settings, for results.json."""
-    d = dataclasses.asdict(self)
+    d = dict(self._values)
     d["students"] = [dataclasses.asdict(s) for s in self.students]
     return d
+
+
+def _job_flag_names() -> tuple:
+  """The names define_flags defines, read off a scratch FlagValues."""
+  scratch = flags.FlagValues()
+  define_flags(scratch)
+  return tuple(scratch)
 
 
 def _selected_students(all_students, index, environ):
@@ -253,41 +287,23 @@ def _default_model_dir(environ) -> str:
 
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Settings:
   """Cross-checks the parsed flags and returns Settings; raises UsageError on bad input."""
-  import os
   environ = os.environ if environ is None else environ
   if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
     raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
-  students = parse_students(fv.student)
+  values = {name: fv[name].value for name in _job_flag_names()}
+  students = parse_students(values.pop("student"))
+  index = values.pop("student_index")
   model_dir = (fv.model_dir or _default_model_dir(environ)).rstrip("/") or "/"
-  mode = fv.mode
-  return Settings(
+  values.update(
       model_dir=model_dir,
       dataset=fv.dataset.strip(),
-      data_dir=fv.data_dir,
-      idx_dir=fv.idx_dir,
       teacher_dir=(fv.teacher_dir or f"{model_dir}/teacher").rstrip("/"),
-      mode=mode,
-      students=_selected_students(students, fv.student_index, environ)
-      if mode in ("all", "students") else tuple(students),
-      teacher_epochs=fv.teacher_epochs,
-      student_epochs=fv.student_epochs,
-      batch_size=fv.batch_size,
-      learning_rate=fv.learning_rate,
-      student_learning_rate=fv.student_learning_rate,
-      seed=fv.seed,
-      max_train_examples=fv.max_train_examples,
-      max_test_examples=fv.max_test_examples,
-      validation_examples=fv.validation_examples,
-      checkpoint_every_steps=fv.checkpoint_every_steps,
-      deterministic=fv.deterministic,
-      teacher_logits=fv.teacher_logits,
-      jit_compile=fv.jit_compile,
-      mixed_precision=fv.mixed_precision,
+      students=_selected_students(students, index, environ)
+      if fv.mode in ("all", "students") else tuple(students),
       batch_slices=parse_batch_slices(fv.batch_slices),
-      strategy=fv.strategy,
-      num_cpu_devices=fv.num_cpu_devices,
       profile_steps=_parse_profile_steps(fv.profile_steps),
   )
+  return Settings(**values)
 
 
 def parse_argv(argv: Sequence[str], flag_values: Optional[flags.FlagValues] = None) -> Settings:

@@ -4,41 +4,14 @@ A model's result.json is its completion marker: written last, atomically, after 
 The merge reads only those markers, so partial work never shows up as a result.
 """
 
-import json
 import os
-import tempfile
 
-MODEL_FIELDS = ("name", "role", "params", "test_accuracy", "test_errors", "test_loss",
-                "validation_accuracy", "train_seconds", "train_examples_per_second", "alpha",
-                "temperature")
-
-
-def write_json_atomic(path: str, payload) -> None:
-  folder = os.path.dirname(path) or "."
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  folder = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".txt")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+from trainer import layout
 
 
 def read_model_result(model_dir: str, name: str):
   """The finished result of model `name`, or None if it has not finished."""
-  path = os.path.join(model_dir, name, "result.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return layout.read_json(layout.local(model_dir, layout.result_rel(name)))
 
 
 def finished_models(model_dir: str) -> list:
@@ -112,6 +85,6 @@ def merge(model_dir: str, run_info: dict, figures=None) -> dict:
   summary = dict(run_info, models=models)
   if figures is not None:
     summary["figures"] = figures(model_dir, models)
-  write_text_atomic(os.path.join(model_dir, "results.md"), render_markdown(summary))
-  write_json_atomic(os.path.join(model_dir, "results.json"), summary)
+  layout.write_text(os.path.join(model_dir, layout.RESULTS_MD), render_markdown(summary))
+  layout.write_json(os.path.join(model_dir, layout.RESULTS_JSON), summary)
   return summary

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from trainer import evaluation, results
+from trainer import evaluation, layout
 
-CACHE_DIR = "teacher_logits"
+CACHE_DIR = layout.LOGITS_CACHE
 
 
 def weights_digest(net) -> str:
@@ -57,8 +57,8 @@ def load_or_compute(teacher, splits, run_storage, write: bool, slices: int = 1):
   if write:
     os.makedirs(folder, exist_ok=True)
     for part, array in (("train", train), ("validation", validation)):
-      np.save(os.path.join(folder, f"{part}.tmp.npy"), array)
-      os.replace(os.path.join(folder, f"{part}.tmp.npy"), os.path.join(folder, f"{part}.npy"))
-    results.write_json_atomic(key_path, key)  # written last: marks the cache complete
+      with layout.atomic_path(os.path.join(folder, f"{part}.npy")) as tmp:
+        np.save(tmp, array)
+    layout.write_json(key_path, key)  # written last: marks the cache complete
     run_storage.sync(rel, last=("key.json",))
   return train, validation
