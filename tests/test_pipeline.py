@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from helpers import MNIST_DIR
 from trainer import idx
+from trainer.errors import UsageError
 from trainer.pipeline import ArrayPipeline, epoch_order
 
 EXAMPLES, BATCH = 300, 32  # 9 full batches an epoch, 12 examples dropped; 18 batches > 16
@@ -76,3 +77,116 @@ def test_evaluation_covers_every_example_once_in_order(arrays):
   assert [len(b[1]) for b in batches] == [BATCH] * 9 + [EXAMPLES - 9 * BATCH]
   _assert_batch(tuple(np.concatenate(parts) for parts in zip(*batches)),
                 _expected(arrays, np.arange(EXAMPLES)))
+
+
+# ---- augmentation: training batches only, a pure function of (seed, epoch, step) ----
+
+def _images_of(batches):
+  return np.stack([b[0] for b in batches])
+
+
+@pytest.fixture(scope="module")
+def augmented(arrays):
+  """Two epochs of affine-augmented batches from one pipeline, and the same unaugmented."""
+  pipeline = ArrayPipeline(*arrays[:2], BATCH, 1, augment="affine")
+  plain = ArrayPipeline(*arrays[:2], BATCH, 1)
+  return (pipeline, _batches(pipeline.train_fn(seed=3, epoch=0, end_epoch=2)),
+          _batches(plain.train_fn(seed=3, epoch=0, end_epoch=2)))
+
+
+def test_augmented_batches_keep_order_labels_shapes_and_range(augmented):
+  _, views, plain = augmented
+  assert len(views) == len(plain) == 18
+  for got, want in zip(views, plain):
+    np.testing.assert_array_equal(got[1], want[1])  # same examples, same order
+    assert got[0].shape == want[0].shape and got[0].dtype == np.float32
+    assert 0.0 <= got[0].min() and got[0].max() <= 1.0
+    assert np.abs(got[0] - want[0]).max() > 0.5  # and really warped
+
+
+def test_augmented_training_is_deterministic_and_resumes_bit_identically(arrays, augmented):
+  pipeline, views, _ = augmented
+  again = ArrayPipeline(*arrays[:2], BATCH, 1, augment="affine")
+  np.testing.assert_array_equal(_images_of(_batches(again.train_fn(seed=3, epoch=0,
+                                                                    end_epoch=2))),
+                                _images_of(views))
+  # resumed mid-epoch 0, and from epoch 1 (what a restart after the first epoch does)
+  for epoch, start_step, first in ((0, 5, 5), (1, 0, 9), (1, 4, 13)):
+    resumed = _batches(pipeline.train_fn(seed=3, epoch=epoch, start_step=start_step,
+                                         end_epoch=2))
+    np.testing.assert_array_equal(_images_of(resumed), _images_of(views[first:]))
+
+
+def test_augmented_views_do_not_depend_on_the_gathering_granularity(arrays, augmented,
+                                                                     monkeypatch):
+  from trainer import pipeline as pipeline_module
+  monkeypatch.setattr(pipeline_module, "GATHER_BATCHES", 3)
+  pipeline = ArrayPipeline(*arrays[:2], BATCH, 1, augment="affine")
+  np.testing.assert_array_equal(
+      _images_of(_batches(pipeline.train_fn(seed=3, epoch=0, end_epoch=2))),
+      _images_of(augmented[1]))
+
+
+def test_an_example_gets_a_new_view_every_epoch(arrays, augmented):
+  _, views, _ = augmented
+  order = _global_order(seed=3, epochs=2)
+  flat = _images_of(views).reshape(-1, 28, 28, 1)
+  example = order[0]
+  second = int(np.flatnonzero(order[9 * BATCH:] == example)[0]) + 9 * BATCH
+  assert np.abs(flat[0] - flat[second]).max() > 0.1
+
+
+@pytest.mark.parametrize("workers,local", [(2, 1), (1, 2)])
+def test_replicas_get_their_part_of_the_augmented_global_batch(arrays, augmented, workers,
+                                                               local):
+  _, views, _ = augmented
+  pipeline = ArrayPipeline(*arrays[:2], BATCH, 2, augment="affine")
+  half = BATCH // 2
+  for worker in range(workers):
+    context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker,
+                                         num_replicas_in_sync=2)
+    for i, got in enumerate(_batches(pipeline.train_fn(seed=3, epoch=0, end_epoch=2),
+                                     context)):
+      step, replica = divmod(i, local)
+      replica += worker * local
+      np.testing.assert_array_equal(got[0], views[step][0][replica * half:(replica + 1) * half])
+
+
+def test_evaluation_is_never_augmented(arrays):
+  images, labels, _ = arrays
+  augmented_eval = _batches(ArrayPipeline(images, labels, BATCH, 1, augment="elastic").eval_fn())
+  plain_eval = _batches(ArrayPipeline(images, labels, BATCH, 1).eval_fn())
+  for got, want in zip(augmented_eval, plain_eval):
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_cached_teacher_logits_cannot_be_augmented(arrays):
+  with pytest.raises(UsageError, match="teacher_logits=online"):
+    ArrayPipeline(*arrays[:2], BATCH, 1, arrays[2], augment="shift")
+
+
+def test_online_teacher_and_student_see_the_same_augmented_view(arrays):
+  """One distillation step on an augmented batch: the logits the loss gets from the teacher and
+  the student are those of the batch's augmented images, not of the originals."""
+  import keras
+  from trainer import models
+  from trainer.distiller import Distiller
+  keras.utils.set_random_seed(0)
+  teacher, student = models.build_teacher(), models.build_student()
+  seen = {"teacher": tf.Variable(tf.zeros([BATCH, 10])),
+          "student": tf.Variable(tf.zeros([BATCH, 10]))}
+
+  def recording_loss(teacher_logits, student_logits, temperature):
+    seen["teacher"].assign(teacher_logits)
+    seen["student"].assign(student_logits)
+    return tf.reduce_sum(tf.square(teacher_logits - student_logits), axis=-1) / temperature
+
+  distiller = Distiller(student, teacher=teacher)
+  distiller.compile(optimizer=keras.optimizers.SGD(0.0), distillation_loss_fn=recording_loss)
+  pipeline = ArrayPipeline(*arrays[:2], BATCH, 1, augment="elastic")
+  images, labels = next(iter(pipeline.train_fn(seed=3, epoch=0)()))
+  tf.function(distiller.train_step)((images, labels))
+  np.testing.assert_allclose(seen["teacher"].numpy(), teacher(images).numpy(), atol=1e-5)
+  np.testing.assert_allclose(seen["student"].numpy(), student(images).numpy(), atol=1e-5)
+  original = _expected(arrays, _global_order(seed=3, epochs=1)[:BATCH])[0]
+  assert np.abs(teacher(original).numpy() - seen["teacher"].numpy()).max() > 1e-3

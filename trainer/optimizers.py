@@ -9,6 +9,10 @@ forward pass; TensorFlow's ResourceApplyAdam kernel does the whole update in one
 
 which is Keras' formula term for term (tests/test_optimizers.py checks the two agree). Anything
 the kernel does not cover (amsgrad, sparse gradients, non-float32 variables) falls back to Keras.
+
+Weight decay is Keras' own, decoupled from the gradient (AdamW, Loshchilov & Hutter 2019): each
+step shrinks a weight by lr * weight_decay * weight before the Adam update, so it regularizes
+the teacher without touching its layers or parameter count.
 """
 
 import keras
@@ -40,3 +44,14 @@ def _handle(variable):
   if isinstance(variable, keras.Variable):
     variable = variable.value
   return variable.handle
+
+
+def cosine_adam(learning_rate: float, decay_steps: int, weight_decay: float = 0.0) -> FusedAdam:
+  """FusedAdam with the job's cosine schedule to 0 over `decay_steps`; `weight_decay` > 0 adds
+  decoupled weight decay to kernels only (biases are not shrunk: they do not scale outputs)."""
+  schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, decay_steps))
+  if not weight_decay:
+    return FusedAdam(schedule)
+  optimizer = FusedAdam(schedule, weight_decay=weight_decay)
+  optimizer.exclude_from_weight_decay(var_names=["bias"])
+  return optimizer

@@ -9,11 +9,17 @@ gather, then are normalized as a whole batch.
 Training elements are gathered GATHER_BATCHES batches at a time and unbatched: tf.data's fixed
 cost per element of a parallel map (a function call, a thread handoff, autotune bookkeeping)
 is then paid once per 16 batches. At the student's batch 32 that cost was 13% of the step.
+
+Training batches may be augmented (trainer/augment.py) inside the same map call, keyed by
+(seed, epoch, step) and each image's position in its global batch, so resume stays exact. The
+augmented batch is the one element every consumer of a step reads: a teacher run online on
+data[0] sees exactly the student's view. Evaluation batches are never augmented.
 """
 
 import numpy as np
 import tensorflow as tf
 
+from trainer import augment as augmentation
 from trainer.errors import UsageError
 
 GATHER_BATCHES = 16  # per-replica batches gathered by one training map call
@@ -32,13 +38,19 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 class ArrayPipeline:
   """Serves (image, label[, teacher_logits]) batches of in-memory arrays to a strategy."""
 
-  def __init__(self, images, labels, global_batch_size, num_replicas, extras=None):
+  def __init__(self, images, labels, global_batch_size, num_replicas, extras=None,
+               augment="none"):
+    """`augment`: a trainer.augment kind applied to training batches (train_fn) only."""
     if global_batch_size % num_replicas:
       raise UsageError(f"--batch_size={global_batch_size} must be a multiple of the "
                        f"{num_replicas} replicas")
     self.num_examples = len(labels)
     self.global_batch_size = global_batch_size
     self.per_replica_batch_size = global_batch_size // num_replicas
+    self.augment = augmentation.check_kind(augment)
+    if augment != "none" and extras is not None:
+      raise UsageError(f"--augment={augment} needs --teacher_logits=online: cached teacher "
+                       "logits belong to the unaugmented images")
     self._tensors = [tf.constant(images), tf.constant(labels)]
     if extras is not None:
       self._tensors.append(tf.constant(extras, tf.float32))
@@ -57,15 +69,21 @@ class ArrayPipeline:
     order = np.concatenate([epoch_order(self.num_examples, seed, e)[:usable]
                             for e in range(epoch, end_epoch)])
     order = order[start_step * self.global_batch_size:]
-    return self._dataset_fn(order, GATHER_BATCHES)
+    return self._dataset_fn(order, GATHER_BATCHES, augment_from=(seed, epoch, start_step))
 
   def eval_fn(self):
     """dataset_fn covering every example once, in order; the last batch may be partial."""
     return self._dataset_fn(np.arange(self.num_examples, dtype=np.int32), 1)
 
-  def _dataset_fn(self, order: np.ndarray, batches_per_gather: int):
+  def _dataset_fn(self, order: np.ndarray, batches_per_gather: int, augment_from=None):
     """Per-replica batches of `order`, `batches_per_gather` gathered at once (> 1 only when
-    every batch is full, as in training)."""
+    every batch is full, as in training). `augment_from` = (seed, epoch, step) of the first
+    batch: augment the batches with self.augment (training only)."""
+    kind = self.augment if augment_from is not None else "none"
+    if kind != "none" and batches_per_gather == 1:
+      raise ValueError("augmentation needs full batches gathered by gather_full_batches")
+    seed, first_epoch, first_step = augment_from or (0, 0, 0)
+    steps_per_epoch = self.steps_per_epoch
     order = tf.constant(order, tf.int32)
     total = int(order.shape[0])
     global_batch, per_replica = self.global_batch_size, self.per_replica_batch_size
@@ -90,12 +108,21 @@ class ArrayPipeline:
         batch[0] = normalize_images(batch[0])
         return tuple(batch)
 
+      def augmented(images, rows):  # images [rows, per_replica, 28, 28, 1]
+        absolute = first_step + rows // local  # steps since the start of first_epoch
+        offsets = (worker * local + rows % local) * per_replica
+        return augmentation.augment_batches(
+            images, kind, seed, first_epoch + absolute // steps_per_epoch,
+            absolute % steps_per_epoch, offsets, global_batch)
+
       def gather_full_batches(first_row):
         rows = tf.range(first_row, tf.minimum(first_row + batches_per_gather, steps * local))
         index = tf.gather(order, first_example(rows)[:, None]
                           + tf.range(per_replica, dtype=tf.int64)[None, :])
         batches = [tf.gather(t, index) for t in tensors]  # [rows, per_replica, ...]
         batches[0] = normalize_images(batches[0])
+        if kind != "none":
+          batches[0] = augmented(batches[0], rows)
         return tuple(batches)
 
       if batches_per_gather > 1:
