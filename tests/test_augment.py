@@ -90,6 +90,11 @@ def test_affine_keeps_the_digit_near_the_centre_and_its_ink(images):
   assert not np.allclose(views, images)
 
 
+def test_the_flag_offers_exactly_the_kinds_implemented():
+  from trainer import flags
+  assert flags.AUGMENTATIONS == augment.KINDS
+
+
 def test_unknown_kind_is_rejected():
   with pytest.raises(ValueError, match="unknown augmentation"):
     augment.check_kind("mixup")

@@ -20,7 +20,7 @@ import math
 
 import tensorflow as tf
 
-KINDS = ("none", "shift", "affine", "elastic")
+KINDS = ("none", "shift", "affine", "elastic")  # also trainer/flags.py AUGMENTATIONS (no TF)
 MAX_SHIFT = 2.0  # pixels, in x and in y
 MAX_ROTATION = math.radians(12.0)
 MAX_SCALE_CHANGE = 0.1  # scale in [0.9, 1.1]
