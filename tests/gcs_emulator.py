@@ -5,6 +5,18 @@ lives in this object, not in the server thread), which is what an outage looks l
 client. STORAGE_EMULATOR_HOST is set for the fixture's lifetime, so subprocesses (e.g. the
 trainer run as a command) reach it too.
 
+Two ways in which gcp-storage-emulator 2026.7.19 differs from Cloud Storage are mended here
+(faithful=False gives the emulator exactly as released):
+  * Generation preconditions: it ignores `ifGenerationMatch` and `ifGenerationNotMatch` (a
+    create with ifGenerationMatch=0 over an existing object succeeds; so do writes and deletes
+    naming a wrong generation). Cloud Storage answers 412, and the trainer's leases depend on
+    that, so both are enforced on object writes (all upload kinds), deletes and metadata
+    patches. The server handles one request at a time, so check and write are atomic, as in
+    Cloud Storage.
+  * Object names: it stores each object at a path made of its name, so a name with a '..'
+    segment (legal in Cloud Storage) crashes the handler and 'a//b' lands on 'a/b'. Contents
+    are stored under the percent-encoded name instead, so every legal name round-trips.
+
 Use the ready-made `gcs_emulator` fixture from tests/conftest.py, or make your own:
 
     from gcs_emulator import gcs_emulator_fixture
@@ -18,13 +30,15 @@ Use the ready-made `gcs_emulator` fixture from tests/conftest.py, or make your o
 
 import functools
 import http.server
+import json
 import socket
 import threading
+import urllib.parse
 from typing import Dict, Iterable, Optional
 
 import pytest
+from gcp_storage_emulator import server as emulator_server
 from gcp_storage_emulator.handlers.buckets import create_bucket
-from gcp_storage_emulator.server import RequestHandler
 from gcp_storage_emulator.storage import Storage
 
 HOST = "127.0.0.1"
@@ -38,12 +52,95 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+class PreconditionFailed(Exception):
+  """A write or delete whose generation precondition does not hold (HTTP 412)."""
+
+
+class _FaithfulStorage(Storage):
+  """The emulator's store, with Cloud Storage's preconditions and object names (see above).
+
+  `query` holds the current request's query parameters (set by _Handler)."""
+
+  query: Dict[str, list] = {}
+
+  def _object_path(self, bucket_name, file_name):
+    return f"{bucket_name}/{urllib.parse.quote(file_name, safe='')}"  # one flat key per name
+
+  def _generation(self, bucket_name, file_name) -> int:
+    obj = self.objects.get(bucket_name, {}).get(file_name)
+    return int(obj["generation"]) if obj else 0  # 0: "does not exist", as in Cloud Storage
+
+  def _check(self, bucket_name, file_name):
+    current = self._generation(bucket_name, file_name)
+    match = self.query.get("ifGenerationMatch")
+    if match and int(match[0]) != current:
+      raise PreconditionFailed(f"ifGenerationMatch={match[0]} but {file_name!r} has "
+                               f"generation {current}")
+    not_match = self.query.get("ifGenerationNotMatch")
+    if not_match and int(not_match[0]) == current:
+      raise PreconditionFailed(f"ifGenerationNotMatch={not_match[0]} holds for {file_name!r}")
+
+  def create_resumable_upload(self, bucket_name, file_name, file_obj):
+    self._check(bucket_name, file_name)
+    return super().create_resumable_upload(bucket_name, file_name, file_obj)
+
+  def create_file(self, bucket_name, file_name, content, file_obj, file_id=None):
+    self._check(bucket_name, file_name)
+    return super().create_file(bucket_name, file_name, content, file_obj, file_id)
+
+  def delete_file(self, bucket_name, file_name):
+    if self._generation(bucket_name, file_name):  # a missing object stays a 404
+      self._check(bucket_name, file_name)
+    return super().delete_file(bucket_name, file_name)
+
+  def patch_object(self, bucket_name, file_name, file_obj):
+    self._check(bucket_name, file_name)
+    return super().patch_object(bucket_name, file_name, file_obj)
+
+
+class _Handler(emulator_server.RequestHandler):
+  """The emulator's handler, answering 412 when _FaithfulStorage refuses a request."""
+
+  def _route(self, method):
+    self.storage.query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+    try:
+      emulator_server.Router(self).handle(method)
+    except PreconditionFailed as e:
+      body = json.dumps({"error": {"code": 412, "message": str(e), "errors": [
+          {"domain": "global", "reason": "conditionNotMet", "message": str(e)}]}}).encode()
+      self.send_response(412, "Precondition Failed")
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+    finally:
+      self.storage.query = {}
+
+  def do_GET(self):
+    self._route(emulator_server.GET)
+
+  def do_POST(self):
+    self._route(emulator_server.POST)
+
+  def do_PUT(self):
+    self._route(emulator_server.PUT)
+
+  def do_DELETE(self):
+    self._route(emulator_server.DELETE)
+
+  def do_PATCH(self):
+    self._route(emulator_server.PATCH)
+
+
 class GcsEmulator:
   """In-memory emulator; `bucket` (the first of `buckets`) exists from the start."""
 
-  def __init__(self, buckets: Iterable[str] = (DEFAULT_BUCKET,), port: Optional[int] = None):
+  def __init__(self, buckets: Iterable[str] = (DEFAULT_BUCKET,), port: Optional[int] = None,
+               faithful: bool = True):
     self.port = port or free_port()
-    self.storage = Storage(use_memory_fs=True)
+    # faithful=False: the emulator exactly as released (see the module docstring).
+    self.storage = (_FaithfulStorage if faithful else Storage)(use_memory_fs=True)
+    self._handler = _Handler if faithful else emulator_server.RequestHandler
     names = list(buckets)
     self.bucket = names[0] if names else None
     for name in names:
@@ -66,7 +163,7 @@ class GcsEmulator:
       # The emulator's own request handler on a plain HTTPServer (what its APIThread does), so
       # that we own the poll interval: stop() then takes milliseconds instead of 0.5 s.
       self._server = http.server.HTTPServer((HOST, self.port),
-                                            functools.partial(RequestHandler, self.storage))
+                                            functools.partial(self._handler, self.storage))
       self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
                                       name=f"gcs-emulator-{self.port}", daemon=True)
       self._thread.start()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from gcs_emulator import free_port
+from storage_helpers import exists_remote, read_remote
 
 from trainer import storage
 from trainer.errors import StorageError, UsageError
@@ -68,9 +69,9 @@ def test_local_model_dir_needs_no_bucket(tmp_path, monkeypatch):
   assert s.pull() == []
   assert not [t for t in threading.enumerate() if t.name == "mnist-distill-storage"]
   # The readers see the local folder, which is the final destination here.
-  assert s.exists_remote("teacher") and not s.exists_remote("students")
+  assert exists_remote(s, "teacher") and not exists_remote(s, "students")
   assert s.list_remote("") == ["teacher/result.json"]
-  assert s.read_remote("teacher/result.json") == b"{}"
+  assert read_remote(s, "teacher/result.json") == b"{}"
   s.close()
   assert storage.fetch_to_local(model_dir) == model_dir
 
@@ -180,7 +181,7 @@ def test_zero_byte_and_multi_megabyte_files(gcs_emulator, tmp_path):
       "run/m/big.bin": len(big), "run/m/empty.bin": 0, "run/m/result.json": 0}
   assert hashlib.sha256(gcs_emulator.read("run/m/big.bin")).digest() == \
       hashlib.sha256(big).digest()
-  assert s.read_remote("m/empty.bin") == b""
+  assert read_remote(s, "m/empty.bin") == b""
   fresh = open_run(gcs_emulator, tmp_path, "fresh")
   assert fresh.pull("m") == ["m/big.bin", "m/empty.bin", "m/result.json"]
   assert tree(fresh.local_dir) == {"m/big.bin": big, "m/empty.bin": b"", "m/result.json": b""}
@@ -323,13 +324,13 @@ def test_remote_readers(gcs_emulator, tmp_path):
   write(s.local_dir, "students2/c", b"c")
   s.sync("")
   s.flush()
-  assert s.exists_remote("students") and s.exists_remote("students/a/result.json")
-  assert not s.exists_remote("student") and not s.exists_remote("students/z")
+  assert exists_remote(s, "students") and exists_remote(s, "students/a/result.json")
+  assert not exists_remote(s, "student") and not exists_remote(s, "students/z")
   assert s.list_remote("students") == ["students/a/result.json", "students/b/result.json"]
   assert s.list_remote("nothing") == []
-  assert s.read_remote("students/b/result.json") == b'{"acc": 0.8}'
+  assert read_remote(s, "students/b/result.json") == b'{"acc": 0.8}'
   with pytest.raises(FileNotFoundError):
-    s.read_remote("students/z/result.json")
+    read_remote(s, "students/z/result.json")
   with pytest.raises(ValueError):
     s.sync("../elsewhere")
   s.close()
@@ -393,3 +394,160 @@ def test_a_deleted_bucket_fails_at_once_not_after_retries(gcs_emulator, tmp_path
     s.flush()
   assert time.monotonic() - started < 5  # a 404 is not worth 30 s of retries
   s.close()
+
+
+# ---- one URL grammar -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("gs://test-bucket", ("test-bucket", "")),
+    ("gs://test-bucket/", ("test-bucket", "")),
+    ("gs://b_1-x/runs/a/", ("b_1-x", "runs/a")),
+    ("gs://my.bucket.example.com/run one/\u00fc", ("my.bucket.example.com", "run one/\u00fc")),
+    ("gs://" + ".".join(["a" * 63] * 3), (".".join(["a" * 63] * 3), "")),  # 191 chars, dotted
+])
+def test_parse_location_accepts_cloud_storage_urls(value, expected):
+  assert storage.parse_location(value, "--model_dir") == expected
+  assert storage.is_remote(value)
+  assert storage.location_url(*expected) == value.rstrip("/")
+
+
+@pytest.mark.parametrize("value", [
+    "runs/default", "/tmp/gs://x", "./gs:", "gs", "gs-runs/x", "run:v1", "my:folder/x", "",
+])
+def test_parse_location_leaves_local_paths_alone(value):
+  assert storage.parse_location(value, "--model_dir") is None
+  assert not storage.is_remote(value)
+
+
+def test_a_path_object_is_always_local():
+  assert storage.parse_location(pathlib.Path("gs://bucket"), "--model_dir") is None
+
+
+@pytest.mark.parametrize("value, why", [
+    ("gs://", "no bucket name"),
+    ("gs:///x", "no bucket name"),
+    ("gs:/bucket/x", "two slashes"),
+    ("gs:bucket/x", "two slashes"),
+    ("gs:", "two slashes"),
+    ("GS://bucket/x", "lower case: gs://"),
+    ("Gs://bucket", "lower case: gs://"),
+    ("s3://bucket/x", "s3: URLs are not supported"),
+    ("gcs://bucket/x", "gcs: URLs are not supported"),
+    ("S3:bucket", "S3: URLs are not supported"),
+    ("https://storage.googleapis.com/bucket/x", "https: URLs are not supported"),
+    ("file:///tmp/x", "file: URLs are not supported"),
+    ("gs://Bucket/x", "lower case"),
+    ("gs://ab/x", "3-63 characters"),
+    ("gs://" + "a" * 64, "3-63 characters"),
+    ("gs://" + ".".join(["a" * 64, "b"]), "3-63 characters"),
+    ("gs://-bucket/x", "start and end with a letter or digit"),
+    ("gs://bucket_/x", "start and end with a letter or digit"),
+    ("gs://my..bucket/x", "'..'"),
+    ("gs://192.168.0.1/x", "IP address"),
+    ("gs://google-runs/x", "'goog'"),
+    ("gs://my bucket/x", "only lower-case letters"),
+    ("gs://user@bucket/x", "only lower-case letters"),
+    ("gs://bucket/a//b", "empty segment"),
+    ("gs://bucket//a", "empty segment"),
+    ("gs://bucket/a//", "empty segment"),
+    ("gs://bucket/a/../b", "'..' segment"),
+    ("gs://bucket/..", "'..' segment"),
+    ("gs://bucket/./a", "'.' segment"),
+    ("gs://bucket/a\\b", "backslashes"),
+    ("gs://bucket/a\nb", "control characters"),
+    ("gs://bucket/run*", "wildcards"),
+    ("gs://bucket/run#12", "wildcards"),
+    ("gs://bucket/" + "x" * 1100, "1024 bytes"),
+])
+def test_every_malformed_url_is_a_usage_error_naming_the_flag(value, why, tmp_path):
+  for call in (lambda: storage.parse_location(value, "--teacher_dir"),
+               lambda: storage.is_remote(value, "--teacher_dir"),
+               lambda: storage.fetch_to_local(value, str(tmp_path), flag_name="--teacher_dir"),
+               lambda: storage.open_storage(value, str(tmp_path), flag_name="--teacher_dir")):
+    with pytest.raises(UsageError) as e:
+      call()
+    message = str(e.value)
+    assert message.startswith("--teacher_dir=") and why in message, message
+    assert "\n" not in message
+    assert e.value.exit_code == 2
+  assert os.listdir(tmp_path) == []  # no local folder was made from the URL
+
+
+# ---- object names must stay inside their destination -----------------------------------------
+
+ESCAPES = {
+    "dot-dot": "data/../../../../../../../../../../../../tmp/{marker}",
+    "issue": "data/../../../../tmp/{marker}",
+    "absolute": "/tmp/{marker}",  # <prefix>//tmp/...: an empty segment, i.e. a leading '/'
+    "dot": "a/./{marker}",
+    "backslash": "a\\..\\..\\{marker}",
+    "whole-dot-dot": "..",
+    "clash": "good/{marker}",  # "good" is an object too: a file and a folder at once
+}
+
+
+def _plant(gcs, prefix, bad):
+  bucket = gcs.client().bucket(gcs.bucket)
+  bucket.blob(f"{prefix}/good").upload_from_string(b"fine")
+  bucket.blob(f"{prefix}/{bad}").upload_from_string(b"evil")
+
+
+@pytest.mark.parametrize("case", sorted(ESCAPES))
+def test_fetch_refuses_object_names_that_leave_the_destination(case, gcs_emulator, tmp_path):
+  marker = f"mnist-distill-escape-{os.getpid()}-{case}"
+  _plant(gcs_emulator, "inputs/evil", ESCAPES[case].format(marker=marker))
+  cache = tmp_path / "work" / "cache"
+  with pytest.raises(UsageError, match="refusing to download.*nothing was downloaded") as e:
+    storage.fetch_to_local(gcs_emulator.url("inputs/evil"), dest_root=str(cache),
+                           flag_name="--idx_dir")
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(f"/tmp/{marker}")
+  assert tree(tmp_path) == {}  # not even the good object: the whole fetch was refused
+
+
+@pytest.mark.parametrize("case", ["dot-dot", "issue", "absolute"])
+def test_pull_refuses_object_names_that_leave_the_run_folder(case, gcs_emulator, tmp_path):
+  marker = f"mnist-distill-escape-{os.getpid()}-pull-{case}"
+  _plant(gcs_emulator, "run/teacher/checkpoints", ESCAPES[case].format(marker=marker))
+  s = open_run(gcs_emulator, tmp_path / "work")
+  write(s.local_dir, "teacher/checkpoints/mine", b"local")
+  with pytest.raises(UsageError, match="refusing to download"):
+    s.pull("teacher/checkpoints", exact=True)
+  assert not os.path.exists(f"/tmp/{marker}")
+  assert tree(tmp_path) == {"work/stage/test-bucket/run/teacher/checkpoints/mine": b"local"}
+  s.close()
+
+
+def test_a_symlink_in_the_destination_cannot_lead_downloads_out(gcs_emulator, tmp_path):
+  bucket = gcs_emulator.client().bucket(gcs_emulator.bucket)
+  bucket.blob("inputs/mnist/sub/x").upload_from_string(b"x")
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  dest = tmp_path / "cache" / "test-bucket" / "inputs" / "mnist"
+  dest.mkdir(parents=True)
+  os.symlink(outside, dest / "sub")
+  with pytest.raises(UsageError, match="symbolic link"):
+    storage.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=str(tmp_path / "cache"))
+  assert os.listdir(outside) == []
+
+
+# ---- what is never mirrored -------------------------------------------------------------------
+
+def test_temporary_files_and_leases_are_never_mirrored(gcs_emulator, tmp_path):
+  s = open_run(gcs_emulator, tmp_path)
+  for rel in ("teacher/model.keras", "teacher/.tmp-12-ab-model.keras", "teacher/result.json.tmp-7",
+              "teacher/.tmp-12-cd-export/saved_model.pb", "_leases/teacher.lease"):
+    write(s.local_dir, rel, b"x")
+  lease = gcs_emulator.client().bucket(gcs_emulator.bucket).blob("run/_leases/student.lease")
+  lease.upload_from_string(b"held", if_generation_match=0)
+  s.sync("")
+  s.flush()
+  # Exact mirror of "", yet the remote lease survives and no temporary or local lease went up.
+  assert sorted(gens(gcs_emulator)) == ["_leases/student.lease", "teacher/model.keras"]
+  fresh = open_run(gcs_emulator, tmp_path, "fresh")
+  assert fresh.pull("") == ["teacher/model.keras"]
+  assert tree(fresh.local_dir) == {"teacher/model.keras": b"x"}
+  assert storage.is_unmirrored("a/.tmp-1-b/c") and storage.is_unmirrored("x.tmp-3")
+  assert not storage.is_unmirrored("teacher/tmp-notes.txt")
+  s.close()
+  fresh.close()

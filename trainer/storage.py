@@ -5,6 +5,12 @@ trainer only ever reads and writes local folders. This module moves them to and 
 with google-cloud-storage (which honours STORAGE_EMULATOR_HOST), uploading on one background
 thread so training never waits on the network. All bucket code of the project lives here.
 
+Locations: parse_location() is the one grammar for every flag or variable that may name a
+bucket. Anything that looks like a URL is a valid gs://BUCKET[/PREFIX] or a UsageError; only
+values that do not look like URLs are local paths. Object names read from a bucket must map to
+a path inside the local destination, or the whole download is refused before anything is
+written (see _destinations).
+
 Mirroring rules, in short:
   * sync() snapshots the file list (and the bytes of the `last` files) when it is called; the
     worker uploads new/changed files, then the `last` files, then deletes remote leftovers. The
@@ -13,6 +19,8 @@ Mirroring rules, in short:
   * "Changed" = size or mtime differ from what the object records in its custom metadata
     (`last` files: md5). pull() restores that mtime locally, so pulled files are not re-uploaded.
   * Each upload is a single object write, so no half object is ever visible.
+  * Temporary files (`.tmp-*`, `*.tmp-*`) and the lease folder are never mirrored: see
+    is_unmirrored().
   * Transient errors (5xx, 429, 408, connection refused/reset, timeouts) are retried with
     exponential backoff for MNIST_DISTILL_GCS_RETRY_SECONDS (default 120) per operation; the
     library's own retries are switched off so that this is the only bound.
@@ -67,27 +75,120 @@ DEFAULT_RETRY_SECONDS = 120.0
 CHECK_SECONDS = 15.0
 _MTIME_KEY = "mnist-distill-mtime-ns"
 _PART_SUFFIX = ".mnist-distill-part"
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_TMP_MARK = ".tmp-"  # trainer.layout's temporary names (and older `name.tmp-<pid>` ones)
+LEASES = "_leases"  # <run>/_leases/<model>.lease (trainer/lease.py); no model name starts '_'
 _WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete",
                       "storage.objects.get", "storage.objects.list")
 
 
-def is_remote(path) -> bool:
-  """True for gs:// URLs (the only remote scheme the job supports)."""
-  return isinstance(path, str) and path.startswith("gs://")
+# What looks like a URL: `scheme:` followed by '/' or nothing, any scheme; or a cloud scheme
+# followed by anything (`gs:bucket`). Such a value is never taken for a local folder.
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?:/|$)")
+_CLOUD_SCHEME_RE = re.compile(r"^(gs|gcs|s3[an]?|az|abfss?|wasbs?|hdfs):", re.IGNORECASE)
+_BUCKET_CHARS_RE = re.compile(r"^[a-z0-9._-]+$")
+_IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+# gsutil reads these as wildcards ('*', '?', '[...]') or a generation ('#'): refused, not guessed.
+_WILDCARDS = "*?[]#"
+_MAX_OBJECT_NAME_BYTES = 1024
 
 
-def _split_url(url: str) -> Tuple[str, str]:
-  bucket, _, prefix = url[len("gs://"):].partition("/")
-  if not _BUCKET_RE.match(bucket):
-    raise UsageError(f"{url}: not a valid gs://BUCKET/PREFIX URL (bad bucket name {bucket!r})")
-  parts = [p for p in prefix.split("/") if p]
-  if any(p in (".", "..") for p in parts):
-    raise UsageError(f"{url}: '.' and '..' are not allowed in a gs:// prefix")
-  return bucket, "/".join(parts)
+def parse_location(value, flag_name: str) -> Optional[Tuple[str, str]]:
+  """(bucket, prefix) for a gs://BUCKET[/PREFIX] URL, None for a local path.
+
+  Why strict: a mistyped URL (gs:/b, gs://, s3://b) used to become a local folder named
+  `gs:`, whose results vanish with the pod. Anything that looks like a URL is therefore either
+  a valid Cloud Storage location or a UsageError naming `flag_name` and what is wrong. The
+  prefix comes back without a trailing '/' ('' for the bucket's root).
+  """
+  if not isinstance(value, str):
+    return None  # a pathlib.Path is always local
+  match = _URL_RE.match(value) or _CLOUD_SCHEME_RE.match(value)
+  if not match:
+    return None
+
+  def bad(why):
+    shown = value if value.isprintable() else repr(value)  # the error stays one line
+    return UsageError(f"{flag_name}={shown}: {why}")
+
+  scheme = match.group(1)
+  if scheme.lower() != "gs":
+    raise bad(f"{scheme}: URLs are not supported; use gs://BUCKET/PREFIX, or a plain path "
+              "for a local folder")
+  if scheme != "gs":
+    raise bad("write the scheme in lower case: gs://BUCKET/PREFIX")
+  if not value.startswith("gs://"):
+    raise bad("a Cloud Storage URL starts with gs:// (two slashes): gs://BUCKET/PREFIX")
+  bucket, _, prefix = value[len("gs://"):].partition("/")
+  why = _bucket_problem(bucket)
+  if why:
+    raise bad(why)
+  if prefix.endswith("/"):
+    prefix = prefix[:-1]  # gs://b/run/ is gs://b/run
+  if prefix:
+    why = _name_problem(prefix)
+    if why:
+      raise bad(f"bad object prefix: {why}")
+    if any(c in prefix for c in _WILDCARDS):
+      raise bad(f"wildcards and generations ({' '.join(_WILDCARDS)}) are not supported in "
+                "a prefix")
+  return bucket, prefix
 
 
-def _retry_seconds() -> float:
+def _bucket_problem(bucket: str) -> Optional[str]:
+  """Why `bucket` breaks Cloud Storage's bucket naming rules, or None."""
+  if not bucket:
+    return "no bucket name after gs://"
+  if bucket != bucket.lower():
+    return f"bucket names are lower case ({bucket!r})"
+  if not _BUCKET_CHARS_RE.match(bucket):
+    return (f"bucket {bucket!r}: only lower-case letters, digits, '-', '_' and '.' are "
+            "allowed")
+  if not (bucket[0].isalnum() and bucket[-1].isalnum()):
+    return f"bucket {bucket!r} must start and end with a letter or digit"
+  parts = bucket.split(".")
+  if "" in parts:
+    return f"bucket {bucket!r}: no '..' allowed"
+  limit = 222 if len(parts) > 1 else 63
+  if not 3 <= len(bucket) <= limit or any(len(p) > 63 for p in parts):
+    return (f"bucket {bucket!r} must be 3-63 characters (up to 222 with dots, 63 between "
+            "dots)")
+  if _IPV4_RE.match(bucket):
+    return f"bucket {bucket!r} looks like an IP address"
+  if bucket.startswith("goog"):
+    return f"bucket {bucket!r}: names starting with 'goog' are reserved"
+  return None
+
+
+def _name_problem(name: str) -> Optional[str]:
+  """Why the '/'-separated `name` cannot map to a path inside a folder, or None.
+
+  Cloud Storage forbids only the whole names '.' and '..'; we also refuse '.', '..' and empty
+  segments anywhere, a leading '/', backslashes and control characters, so that every accepted
+  name is one relative path and no two names meet at one file."""
+  if "\\" in name:
+    return f"{name!r}: backslashes are not allowed"
+  if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    return f"{name!r}: control characters are not allowed"
+  if len(name.encode("utf-8")) > _MAX_OBJECT_NAME_BYTES:
+    return f"longer than {_MAX_OBJECT_NAME_BYTES} bytes"
+  for part in name.split("/"):
+    if part in ("", ".", ".."):
+      what = "an empty segment ('//' or a leading '/')" if not part else f"a {part!r} segment"
+      return f"{name!r} has {what}"
+  return None
+
+
+def location_url(bucket: str, prefix: str = "") -> str:
+  """The canonical spelling of a location parse_location accepted (no trailing '/')."""
+  return f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
+
+
+def is_remote(path, flag_name: str = "path") -> bool:
+  """True for a valid gs:// URL, False for a local path; UsageError for a malformed URL."""
+  return parse_location(path, flag_name) is not None
+
+
+def retry_seconds() -> float:
   raw = os.environ.get(RETRY_ENV, "").strip()
   if not raw:
     return DEFAULT_RETRY_SECONDS
@@ -106,6 +207,11 @@ def _endpoint() -> str:
   if not host:
     return "https://storage.googleapis.com"
   return host if "://" in host else f"http://{host}"
+
+
+def bucket_handle(bucket_name: str):
+  """A google-cloud-storage Bucket on the configured endpoint (no request is made)."""
+  return _make_client().bucket(bucket_name)
 
 
 def _make_client():
@@ -173,7 +279,7 @@ def _unusable(where: str, bucket_name: str, exc: BaseException, what: str) -> Us
   return UsageError(f"{where}: {what}: {_one_line(exc)}")
 
 
-def _with_retries(fn: Callable, what: str, budget: float, also_retry=None):
+def with_retries(fn: Callable, what: str, budget: float, also_retry=None):
   """Calls fn(timeout) until it succeeds, retrying transient errors for `budget` seconds.
 
   Non-transient errors propagate unchanged; giving up raises StorageError with one line.
@@ -256,7 +362,7 @@ def _download(bucket, blob, dest: str, budget: float) -> None:
         bucket.blob(blob.name, chunk_size=None).download_to_file(f, retry=None, timeout=timeout)
 
   try:
-    _with_retries(attempt, f"download gs://{bucket.name}/{blob.name}", budget)
+    with_retries(attempt, f"download gs://{bucket.name}/{blob.name}", budget)
     mtime = _remote_mtime_ns(blob)
     if mtime is not None:
       os.utime(tmp, ns=(mtime, mtime))
@@ -266,13 +372,56 @@ def _download(bucket, blob, dest: str, budget: float) -> None:
       os.remove(tmp)
 
 
-def _download_tree(bucket, blobs: Dict[str, object], dest_root: str, budget: float) -> List[str]:
-  """Makes dest_root/<rel> a copy of every blob; skips local copies that already match."""
+def _destinations(bucket_name: str, blobs: Dict[str, object], dest_root: str) -> Dict[str, str]:
+  """rel -> local path below dest_root for every blob, or UsageError before anything is written.
+
+  Why: object names are chosen by whoever can write the bucket, and Cloud Storage accepts names
+  such as `data/../../x`; joined naively they land anywhere this user can write."""
+  root = os.path.realpath(dest_root)
+  found = {}
   for rel in sorted(blobs):
+    why = _name_problem(rel) or _name_clash(rel, blobs)
     dest = _join(dest_root, rel)
+    if why is None and not os.path.realpath(dest).startswith(root + os.sep):
+      why = "it leads out of the destination through a symbolic link"
+    if why:
+      raise UsageError(f"gs://{bucket_name}/{blobs[rel].name}: refusing to download an object "
+                       f"whose name does not map inside {dest_root}: {why}; nothing was "
+                       "downloaded")
+    found[rel] = dest
+  return found
+
+
+def _name_clash(rel: str, blobs: Dict[str, object]) -> Optional[str]:
+  """Two objects `a` and `a/b` cannot both be local files."""
+  parts = rel.split("/")
+  for i in range(1, len(parts)):
+    if "/".join(parts[:i]) in blobs:
+      return f"{'/'.join(parts[:i])!r} is both an object and a folder"
+  return None
+
+
+def _download_tree(bucket, blobs: Dict[str, object], dest_root: str, budget: float) -> List[str]:
+  """Makes dest_root/<rel> a copy of every blob; skips local copies that already match.
+  Every name is checked first (_destinations), so a bad one means nothing is written."""
+  for rel, dest in _destinations(bucket.name, blobs, dest_root).items():
     if not _local_matches(dest, blobs[rel]):
       _download(bucket, blobs[rel], dest, budget)
   return sorted(blobs)
+
+
+def is_lease(rel: str) -> bool:
+  """True for relpaths in the run's lease folder (trainer/lease.py)."""
+  return rel.replace(os.sep, "/").split("/", 1)[0] == LEASES
+
+
+def is_unmirrored(rel: str) -> bool:
+  """Never uploaded, downloaded or deleted by mirroring: temporary files (any path part named
+  `.tmp-*` or `*.tmp-*`, our own partial downloads) and the leases (trainer/lease.py writes
+  those itself, with generation preconditions that a mirror's plain writes would defeat)."""
+  parts = rel.replace(os.sep, "/").split("/")
+  return (is_lease(rel) or parts[-1].endswith(_PART_SUFFIX)
+          or any(_TMP_MARK in p for p in parts))
 
 
 @dataclasses.dataclass
@@ -293,9 +442,12 @@ class RunStorage:
   def __init__(self, local_dir: str, remote: Optional[str] = None):
     self.local_dir = local_dir
     self._abs_local = os.path.abspath(local_dir)
-    self.remote = remote.rstrip("/") if remote else None
-    self._bucket_name, self._prefix = _split_url(self.remote) if self.remote else ("", "")
-    self._retry_budget = _retry_seconds()
+    location = parse_location(remote, "remote") if remote else None
+    if remote and location is None:
+      raise UsageError(f"{remote}: not a gs://BUCKET/PREFIX URL")
+    self._bucket_name, self._prefix = location or ("", "")
+    self.remote = location_url(*location) if location else None
+    self._retry_budget = retry_seconds()
     self._tls = threading.local()
     self._lock = threading.Lock()
     self._queue = None
@@ -339,7 +491,7 @@ class RunStorage:
     return {"/".join(p for p in (rel, k) if p): b for k, b in found.items() if k or rel}
 
   def _retrying(self, fn, what, budget=None, also_retry=None):
-    return _with_retries(fn, what, self._retry_budget if budget is None else budget, also_retry)
+    return with_retries(fn, what, self._retry_budget if budget is None else budget, also_retry)
 
   # -- before training -------------------------------------------------------------------------
 
@@ -376,8 +528,9 @@ class RunStorage:
     rel = self._rel(relpath)
     try:
       blobs = self._retrying(lambda t: self._list(rel, t), f"list {self._url(rel)}")
+      blobs = {r: b for r, b in blobs.items() if not is_unmirrored(r)}
       pulled = _download_tree(self._bucket(), blobs, self.local_dir, self._retry_budget)
-    except StorageError:
+    except (StorageError, UsageError):
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise StorageError(f"{self._url(rel)}: pull failed: {_one_line(e)}") from e
@@ -425,16 +578,16 @@ class RunStorage:
     files = {}
     for dirpath, _, filenames in os.walk(root):
       for fn in filenames:
-        if fn.endswith(_PART_SUFFIX):
-          continue  # a pull() in progress
         path = os.path.join(dirpath, fn)
+        relpath = os.path.relpath(path, self.local_dir).replace(os.sep, "/")
+        if is_unmirrored(relpath):
+          continue  # a write or pull() in progress, or a lease
         try:
           st = os.stat(path)
         except FileNotFoundError:
           continue
         if stat.S_ISREG(st.st_mode):
-          files[os.path.relpath(path, self.local_dir).replace(os.sep, "/")] = (
-              st.st_size, st.st_mtime_ns)
+          files[relpath] = (st.st_size, st.st_mtime_ns)
     return files
 
   def _start_worker(self):
@@ -529,7 +682,7 @@ class RunStorage:
         else:
           self._upload(rel, task.last[rel], task.files[rel][1])
           uploaded += 1
-      for rel in sorted(set(remote) - set(task.files)):
+      for rel in sorted(r for r in set(remote) - set(task.files) if not is_lease(r)):
         self._retrying(lambda t, r=rel: self._delete(r, t), f"delete {self._url(rel)}")
         deleted += 1
     log.info("synced %s: %d uploaded, %d deleted, %d unchanged (%.1fs)", self._url(task.rel),
@@ -577,37 +730,12 @@ class RunStorage:
 
   # -- reading what is there -------------------------------------------------------------------
 
-  def exists_remote(self, relpath) -> bool:
-    """True if relpath is an object, or a folder with at least one object, in the bucket."""
-    rel = self._rel(relpath)
-    if self.remote is None:
-      return os.path.exists(self._local(rel))
-    return bool(self._call(lambda t: self._list(rel, t), f"list {self._url(rel)}"))
-
   def list_remote(self, relpath) -> List[str]:
     """Relpaths (relative to the run folder, '/'-separated) of the objects under relpath."""
     rel = self._rel(relpath)
     if self.remote is None:
       return sorted(self._scan(rel)) if os.path.exists(self._local(rel)) else []
     return sorted(self._call(lambda t: self._list(rel, t), f"list {self._url(rel)}"))
-
-  def read_remote(self, relpath) -> bytes:
-    """Bytes of one object (e.g. results other pods wrote); FileNotFoundError if absent."""
-    rel = self._rel(relpath)
-    if self.remote is None:
-      with open(self._local(rel), "rb") as f:
-        return f.read()
-
-    def attempt(timeout):
-      blob = self._bucket().blob(self._name(rel), chunk_size=None)
-      try:
-        return blob.download_as_bytes(retry=None, timeout=timeout)
-      except Exception as e:  # pylint: disable=broad-except
-        if _is_not_found(e):
-          raise FileNotFoundError(f"{self._url(rel)} does not exist") from None
-        raise
-
-    return self._call(attempt, f"read {self._url(rel)}")
 
   def _call(self, fn, what):
     """Runs a read with retries; anything but FileNotFoundError becomes StorageError."""
@@ -624,51 +752,57 @@ def _staging_base() -> str:
           or os.path.join(tempfile.gettempdir(), "mnist-distill-staging"))
 
 
-def open_storage(model_dir: str, staging_root: Optional[str] = None) -> RunStorage:
+def open_storage(model_dir: str, staging_root: Optional[str] = None,
+                 flag_name: str = "--model_dir") -> RunStorage:
   """RunStorage for --model_dir: local paths as is, gs:// via a local staging folder.
 
   The staging folder (staging_root/<bucket>/<prefix>) is kept between runs on the same disk, so
   a restarted process finds its files; the bucket stays the source of truth (see pull()).
+  A malformed URL is a UsageError naming `flag_name` (parse_location).
   """
-  if is_remote(model_dir):
-    bucket, prefix = _split_url(model_dir)
+  location = parse_location(model_dir, flag_name)
+  if location:
+    bucket, prefix = location
     local_dir = _join(os.path.join(staging_root or _staging_base(), bucket), prefix)
-    storage = RunStorage(local_dir=local_dir, remote=f"gs://{bucket}/{prefix}".rstrip("/"))
+    storage = RunStorage(local_dir=local_dir, remote=location_url(bucket, prefix))
   else:
     storage = RunStorage(local_dir=model_dir, remote=None)
   try:
     os.makedirs(storage.local_dir, exist_ok=True)
   except OSError as e:
-    raise UsageError(f"--model_dir={model_dir}: cannot create {storage.local_dir}: "
+    raise UsageError(f"{flag_name}={model_dir}: cannot create {storage.local_dir}: "
                      f"{_one_line(e)}") from None
   return storage
 
 
-def fetch_to_local(url: str, dest_root: Optional[str] = None) -> str:
+def fetch_to_local(url: str, dest_root: Optional[str] = None, flag_name: str = "input") -> str:
   """Returns a local folder with the contents of `url`: local paths unchanged, gs:// downloaded.
 
   The copy lives in dest_root/<bucket>/<prefix> (default: a `_inputs` folder in the staging
   root) and is an exact mirror: unchanged files are not fetched again, stale ones are removed.
-  A missing or unreachable bucket, or an empty prefix, raises UsageError.
+  A malformed URL, a missing or unreachable bucket, an empty prefix or an object whose name
+  does not map inside the copy raises UsageError (naming `flag_name` where it helps).
   """
-  if not is_remote(url):
+  location = parse_location(url, flag_name)
+  if location is None:
     return url
-  bucket_name, prefix = _split_url(url)
+  bucket_name, prefix = location
   dest = _join(os.path.join(dest_root or os.path.join(_staging_base(), "_inputs"), bucket_name),
                prefix)
-  budget = _retry_seconds()
+  budget = retry_seconds()
   try:
     bucket = _make_client().bucket(bucket_name)
-    blobs = _with_retries(lambda t: _list_tree(bucket, prefix, t), f"list {url}",
+    blobs = with_retries(lambda t: _list_tree(bucket, prefix, t), f"list {url}",
                           min(budget, CHECK_SECONDS))
   except Exception as e:  # pylint: disable=broad-except
-    raise _unusable(url, bucket_name, e, "cannot list") from None
+    raise _unusable(f"{flag_name}={url}", bucket_name, e, "cannot list") from None
   blobs.pop("", None)  # An object named exactly like the folder: not part of the tree.
+  blobs = {r: b for r, b in blobs.items() if not is_unmirrored(r)}
   if not blobs:
-    raise UsageError(f"{url}: no objects under this prefix")
+    raise UsageError(f"{flag_name}={url}: no objects under this prefix")
   try:
     _download_tree(bucket, blobs, dest, budget)
-  except StorageError:
+  except (StorageError, UsageError):
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise StorageError(f"{url}: download failed: {_one_line(e)}") from e
