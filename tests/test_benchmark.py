@@ -12,18 +12,19 @@ import pytest
 import tensorflow as tf
 
 from helpers import MNIST_DIR, REPO, cli_env
-from trainer import benchmark, idx, losses, models, notebook_baseline
+from trainer import idx, losses, models
 from trainer.distiller import Distiller
 from trainer.pipeline import normalize_images
 
-sys.path.insert(0, f"{REPO}/scripts")
+sys.path[:0] = [REPO, f"{REPO}/scripts"]  # benchmarks/ and scripts/ run from the checkout
 import accuracy_table  # noqa: E402
+from benchmarks import notebook, report, throughput  # noqa: E402
 
 
 def test_benchmark_smoke_prints_every_row(tmp_path):
   json_out = tmp_path / "bench.json"
   proc = subprocess.run(
-      [sys.executable, "scripts/benchmark.py", f"--idx_dir={MNIST_DIR}", "--examples=256",
+      [sys.executable, "-m", "benchmarks", f"--idx_dir={MNIST_DIR}", "--examples=256",
        "--runs=1", "--warmup=1", "--batch_sizes=32,128", "--extra_modes=bf16",
        f"--workdir={tmp_path / 'work'}",
        f"--json_out={json_out}",
@@ -35,7 +36,7 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
   out = proc.stdout
   assert ("| phase | batch | notebook, TF default threads (img/s) | notebook, in our process "
           "(img/s) | ours (img/s) | ours / faster notebook |") in out
-  for phase in benchmark.PHASES:
+  for phase in throughput.PHASES:
     for batch in (32, 128):
       row = re.search(rf"^\| {re.escape(phase)} \| {batch} \|(.*)\|$", out, re.M)
       assert row, (phase, batch)
@@ -52,19 +53,20 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
   assert re.search(r"^- ours at batch 128 vs the notebook at batch 32: teacher training "
                    r"\d+\.\d\dx, distillation \d+\.\d\dx$", out, re.M), out
   for batch in (32, 128):
-    assert re.search(rf"^- ours at batch {batch} in mixed_bfloat16: teacher training [\d,]+ img/s = "
-                     r"\d+\.\d\dx float32, \d+\.\d\dx notebook; distillation", out, re.M), out
+    assert re.search(rf"^- ours at batch {batch} in mixed_bfloat16: teacher training "
+                     r"[\d,]+ img/s = \d+\.\d\dx float32, \d+\.\d\dx notebook; "
+                     r"distillation", out, re.M), out
   rss = re.search(r"^- default job \(subset .*\): wall \d+ s, peak RSS (\d+) MiB$", out, re.M)
   assert rss and int(rss.group(1)) > 100, out  # a TensorFlow process: hundreds of MiB
   assert "EXTRAPOLATED" in out
-  report = json.loads(json_out.read_text())
-  assert set(report["median"]) == set(benchmark.PHASES)
+  saved = json.loads(json_out.read_text())
+  assert set(saved["median"]) == set(throughput.PHASES)
   baselines = {"baseline@32", "baseline@128"}
-  assert set(report["median"]["distillation"]) == {
+  assert set(saved["median"]["distillation"]) == {
       *baselines, *(f"{b} tf-default-threads" for b in baselines),
       "ours@32", "ours@128", "ours@32 bf16", "ours@128 bf16"}
-  assert all(len(v) == 2 for v in report["throughput"]["distillation"].values())  # warm-up + 1
-  assert report["default_job"]["returncode"] == 0
+  assert all(len(v) == 2 for v in saved["throughput"]["distillation"].values())  # warm-up + 1
+  assert saved["default_job"]["returncode"] == 0
 
 
 def test_baseline_distiller_computes_the_project_loss():
@@ -76,7 +78,7 @@ def test_baseline_distiller_computes_the_project_loss():
   teacher = models.build_teacher()
   logits = teacher(x, training=False)
   for alpha, temperature in ((0.0, 4.0), (0.5, 2.0), (0.9, 8.0), (1.0, 4.0)):
-    baseline = notebook_baseline.make_distiller(teacher, alpha, temperature)
+    baseline = notebook.make_distiller(teacher, alpha, temperature)
     ours = Distiller(baseline.student)
     ours.compile(optimizer="adam", alpha=alpha, temperature=temperature)
     student_logits = baseline.student(x, training=True)
@@ -90,7 +92,7 @@ def test_baseline_distiller_computes_the_project_loss():
 
 
 def _timings(rate):
-  return benchmark.Timings(values=[1.0, rate, rate], warmup=1)
+  return throughput.Timings(values=[1.0, rate, rate], warmup=1)
 
 
 def test_notebook_extrapolation_adds_up_its_schedule():
@@ -103,7 +105,7 @@ def test_notebook_extrapolation_adds_up_its_schedule():
                              "baseline@32 tf-default-threads": _timings(1000.0)},
             "evaluation (teacher)": {"baseline@32": _timings(10_000.0)},
             "evaluation (student)": {"baseline@32": _timings(20_000.0)}}
-  parts = benchmark.extrapolate_notebook(phases)
+  parts = report.extrapolate_notebook(phases)
   assert parts["teacher"] == pytest.approx(20 * 60_000 / 2000)
   assert parts["students"] == pytest.approx(3 * 5 * 60_000 / 1000)
   assert parts["evaluation"] == pytest.approx(1.0 + 3 * 0.5)
@@ -119,7 +121,7 @@ def test_targets_are_taken_against_the_faster_baseline():
             "distillation": {"baseline@32": _timings(4000.0),
                              "baseline@32 tf-default-threads": _timings(5000.0),
                              "ours@32": _timings(19_000.0)}}
-  assert benchmark.target_lines(phases, (32,)) == [
+  assert report.target_lines(phases, (32,)) == [
       "- teacher training at batch 32: 1.40x (target >= 1.5x): MISSED",
       "- distillation at batch 32: 3.80x (target >= 4x): MISSED"]
 

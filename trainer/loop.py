@@ -21,7 +21,7 @@ from trainer.errors import Preempted
 STEPS_PER_CALL = 50  # steps per tf.function call: amortizes Python overhead, bounds SIGTERM delay
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
   epochs: int
   seed: int

@@ -7,13 +7,13 @@ every batch. What it does not keep is anything that would make its numbers wrong
 
     alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(y, s)
 
-with alpha weighing the distillation term, exactly as trainer/distiller.py (so both use the same
-alpha and T for the same objective), and losses are batch means.
+with alpha weighing the distillation term, exactly as this project's Distiller (so both use the
+same alpha and T for the same objective), and losses are batch means.
 
 Run on its own it trains the notebook's whole schedule (a 20-epoch teacher, then 5-epoch
 students) and prints a JSON line with its wall time and test accuracies:
 
-    python -m trainer.notebook_baseline --idx_dir=/work/shared/data/mnist
+    python -m benchmarks.notebook --idx_dir=/work/shared/data/mnist
 """
 
 import argparse
@@ -30,6 +30,8 @@ from trainer import idx, models
 BATCH_SIZE = 32
 TEACHER_EPOCHS = 20
 STUDENT_EPOCHS = 5
+TRAIN_EXAMPLES = 60_000  # the notebook trains on the whole MNIST training split
+TEST_EXAMPLES = 10_000
 # The notebook's students: (name, alpha, temperature). All go through the distiller, so all
 # pay for the teacher on every step, as the notebook's do.
 STUDENTS = (("labels_only", 0.0, 4.0), ("teacher_only", 1.0, 4.0), ("distilled", 0.5, 4.0))
@@ -131,7 +133,8 @@ def run_notebook(train_images, train_labels, test_images, test_labels, teacher_e
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.notebook",
+                                   description=__doc__.splitlines()[0])
   parser.add_argument("--idx_dir", required=True, help="folder with the four MNIST IDX files")
   parser.add_argument("--teacher_epochs", type=int, default=TEACHER_EPOCHS)
   parser.add_argument("--student_epochs", type=int, default=STUDENT_EPOCHS)

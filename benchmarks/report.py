@@ -1,0 +1,180 @@
+"""What the benchmark prints and saves: the throughput table, the targets (ours over the faster
+of the two baselines at the same batch size), the other modes, the end-to-end runs, and the
+notebook's whole schedule extrapolated from the measured baseline."""
+
+import keras
+import tensorflow as tf
+
+from benchmarks import notebook
+from benchmarks.throughput import (DEFAULT_THREADS, EXTRA_MODES, PHASES, baseline_name,
+                                   variant_name)
+
+TARGETS = {"teacher training": 1.5, "distillation": 4.0}  # ours/baseline at equal batch size
+
+
+def _fmt_ratio(ours, base):
+  return f"{ours / base:.2f}x"
+
+
+def _median(phases, phase, variant) -> float:
+  return phases[phase][variant].median()
+
+
+def _notebook_rate(phases, phase, batch) -> float:
+  """The faster of the baseline's medians at `batch`: in this process, and in the partner
+  with TensorFlow's default threads. Every target is taken against this."""
+  names = (baseline_name(batch), baseline_name(batch, DEFAULT_THREADS))
+  return max(_median(phases, phase, name) for name in names if name in phases[phase])
+
+
+def extrapolate_notebook(phases) -> dict:
+  """Seconds the notebook's schedule would take at the measured baseline throughputs."""
+  def rate(phase):
+    return _notebook_rate(phases, phase, notebook.BATCH_SIZE)
+  students = len(notebook.STUDENTS)
+  parts = {
+      "teacher": notebook.TEACHER_EPOCHS * notebook.TRAIN_EXAMPLES / rate("teacher training"),
+      "students": students * notebook.STUDENT_EPOCHS * notebook.TRAIN_EXAMPLES
+                  / rate("distillation"),
+      "evaluation": notebook.TEST_EXAMPLES * (1 / rate("evaluation (teacher)")
+                                              + students / rate("evaluation (student)")),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def throughput_table(phases, batch_sizes) -> str:
+  """One row per phase and batch size: the notebook's way with TensorFlow's default threads
+  and in our process, ours, and ours over the faster of the two."""
+  header = ["phase", "batch", "notebook, TF default threads (img/s)",
+            "notebook, in our process (img/s)", "ours (img/s)", "ours / faster notebook"]
+  lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|---:|"]
+  for phase in PHASES:
+    for batch in batch_sizes:
+      ours = _median(phases, phase, variant_name(batch))
+      default_threads = _median(phases, phase, baseline_name(batch, DEFAULT_THREADS))
+      row = [phase, str(batch), f"{default_threads:,.0f}",
+             f"{_median(phases, phase, baseline_name(batch)):,.0f}", f"{ours:,.0f}",
+             _fmt_ratio(ours, _notebook_rate(phases, phase, batch))]
+      lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def target_lines(phases, batch_sizes, extra_modes=()) -> list:
+  """Each target at each batch size (ours and the baseline at that same batch size), for
+  float32 and for each extra mode that was measured."""
+  lines = []
+  for mode in ("", *extra_modes):
+    label = f" in {_mode_label(mode)}" if mode else ""
+    for batch in batch_sizes:
+      for phase, target in TARGETS.items():
+        ratio = (_median(phases, phase, variant_name(batch, mode))
+                 / _notebook_rate(phases, phase, batch))
+        verdict = "met" if ratio >= target else "MISSED"
+        lines.append(f"- {phase} at batch {batch}{label}: {ratio:.2f}x (target >= "
+                     f"{target:g}x): {verdict}")
+  return lines
+
+
+def default_batch_lines(phases, batch_sizes) -> list:
+  """Ours at each larger batch size against the notebook at its own batch 32: what changing
+  the batch size adds on top (not the targets, which compare equal batch sizes)."""
+  lines = []
+  for batch in batch_sizes[1:]:
+    parts = [f"{phase} " + _fmt_ratio(_median(phases, phase, variant_name(batch)),
+                                      _notebook_rate(phases, phase, notebook.BATCH_SIZE))
+             for phase in TARGETS]
+    lines.append(f"- ours at batch {batch} vs the notebook at batch {notebook.BATCH_SIZE}: "
+                 + ", ".join(parts))
+  return lines
+
+
+def _mode_label(mode) -> str:
+  policy, jit = EXTRA_MODES[mode]
+  return f"{policy}{', XLA' if jit else ''}"
+
+
+def mode_lines(phases, batch_sizes, extra_modes) -> list:
+  lines = []
+  for mode in extra_modes:
+    for batch in batch_sizes:
+      parts = []
+      for phase in TARGETS:
+        plain = _median(phases, phase, variant_name(batch))
+        other = _median(phases, phase, variant_name(batch, mode))
+        base = _notebook_rate(phases, phase, batch)
+        parts.append(f"{phase} {other:,.0f} img/s = {other / plain:.2f}x float32, "
+                     f"{other / base:.2f}x notebook")
+      lines.append(f"- ours at batch {batch} in {_mode_label(mode)}: " + "; ".join(parts))
+  return lines
+
+
+def _accuracy_line(accuracies) -> str:
+  return "  test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(accuracies.items()))
+
+
+def _run_line(what, run) -> str:
+  ok = run["returncode"] == 0
+  return (f"- {what}: wall {run['wall_seconds']:.0f} s, peak RSS {run['max_rss_mib']:.0f} MiB"
+          + ("" if ok else f", FAILED (exit {run['returncode']})"))
+
+
+def end_to_end_lines(job, notebook_run, extrapolated) -> list:
+  label = "full MNIST" if job.get("full") else "subset " + " ".join(job["args"][2:])
+  ok = job["returncode"] == 0
+  lines = [_run_line(f"default job ({label})", job)]
+  if ok and job["test_accuracy"]:
+    lines.append(_accuracy_line(job["test_accuracy"]))
+  e = extrapolated
+  lines.append(f"- notebook schedule, EXTRAPOLATED from the baseline throughput above: "
+               f"{e['total']:.0f} s (teacher {e['teacher']:.0f} s, students {e['students']:.0f} "
+               f"s, evaluation {e['evaluation']:.0f} s)")
+  measured = notebook_run is not None and notebook_run["returncode"] == 0
+  if notebook_run is not None:
+    lines.append(_run_line("notebook schedule, MEASURED", notebook_run))
+    if measured:
+      lines.append(_accuracy_line(notebook_run["test_accuracy"]))
+  if job.get("full") and ok:
+    reference = notebook_run["wall_seconds"] if measured else e["total"]
+    kind = "measured" if measured else "extrapolated"
+    share = job["wall_seconds"] / reference
+    lines.append(f"- ours/notebook wall time: {share:.2f} ({kind} notebook; target <= 0.33): "
+                 + ("met" if share <= 1 / 3 else "MISSED"))
+  return lines
+
+
+def print_report(run, measured, job, notebook_run) -> None:
+  """Prints the whole report. `run`: what was run (date, cpu_count, examples, runs, warmup,
+  batch_sizes, batch_slices, intra_op_threads, extra_modes); `measured`: measure_throughput's."""
+  phases, batch_sizes = measured["phases"], run["batch_sizes"]
+  slices = ", ".join(f"{run['batch_slices'][b]} at {b}" for b in batch_sizes)
+  print(f"## Benchmark: notebook baseline vs ours ({run['date']}, {run['cpu_count']} CPU "
+        f"cores, TensorFlow {tf.__version__}, Keras {keras.__version__})")
+  print(f"{run['examples']} real MNIST training images per run; median of {run['runs']} runs "
+        f"after {run['warmup']} warm-up; runs of each variant alternate. Ours: batch slices "
+        f"{slices}, intra-op threads {run['intra_op_threads'] or 'TF default'}.")
+  print()
+  print(throughput_table(phases, batch_sizes))
+  print()
+  print(f"- teacher logits cached once: {measured['teacher_logits_images']} images in "
+        f"{measured['teacher_logits_seconds']:.2f} s")
+  lines = (target_lines(phases, batch_sizes, run["extra_modes"])
+           + default_batch_lines(phases, batch_sizes)
+           + mode_lines(phases, batch_sizes, run["extra_modes"]))
+  if job is not None:
+    lines += end_to_end_lines(job, notebook_run, extrapolate_notebook(phases))
+  for line in lines:
+    print(line)
+
+
+def json_report(run, measured, job, notebook_run, default_students) -> dict:
+  """Every measurement, every run of each variant included, for --json_out."""
+  phases = measured["phases"]
+  return {
+      **run,
+      "throughput": {p: {v: t.values for v, t in vs.items()} for p, vs in phases.items()},
+      "median": {p: {v: t.median() for v, t in vs.items()} for p, vs in phases.items()},
+      "teacher_logits_seconds": measured["teacher_logits_seconds"],
+      "default_job": job, "notebook": notebook_run,
+      "notebook_extrapolated": extrapolate_notebook(phases),
+      "default_students": list(default_students)}
