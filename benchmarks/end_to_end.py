@@ -9,6 +9,7 @@ import time
 
 import benchmarks
 import trainer
+from trainer import layout
 
 # What the default job's child gets for the memory measurement when not --job=full.
 SUBSET_JOB_ARGS = ("--max_train_examples=8192", "--validation_examples=1024",
@@ -59,7 +60,7 @@ def run_default_job(idx_dir, workdir, full: bool, subset_args=SUBSET_JOB_ARGS) -
   report["full"] = full
   report["test_accuracy"] = {}
   if report["returncode"] == 0:
-    with open(os.path.join(model_dir, "results.json")) as f:
+    with open(os.path.join(model_dir, layout.RESULTS_JSON)) as f:
       summary = json.load(f)
     report["test_accuracy"] = {m["name"]: m["test_accuracy"] for m in summary["models"]}
   return report
