@@ -31,3 +31,18 @@ def test_report(logits: np.ndarray, labels: np.ndarray) -> dict:
   loss = float(-log_probs[np.arange(len(labels)), labels].mean()) if len(labels) else 0.0
   return {"test_accuracy": 1.0 - errors / max(len(labels), 1), "test_errors": errors,
           "test_loss": loss, "test_examples": int(len(labels))}
+
+
+def per_example(logits: np.ndarray, labels: np.ndarray) -> dict:
+  """Per-example correctness and cross-entropy with the labels: what paired tests between
+  models need (trainer/selection.py). Computed in float64 from float32 logits, so equal logits
+  give equal values whatever ran them."""
+  logits = np.asarray(logits, dtype=np.float64)
+  labels = np.asarray(labels).astype(np.int64)
+  if logits.ndim != 2 or len(logits) != len(labels):
+    raise ValueError(f"logits {logits.shape} do not match labels {labels.shape}")
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  log_norm = np.log(np.exp(shifted).sum(axis=-1))
+  cross_entropy = log_norm - shifted[np.arange(len(labels)), labels]
+  return {"correct": logits.argmax(axis=-1) == labels,
+          "cross_entropy": cross_entropy.astype(np.float32)}
