@@ -6,6 +6,9 @@
 # Usage: docker/make_debootstrap_base.sh [--suite bookworm] [--mirror URL]
 # Both the rootfs tarball (under ${MNIST_DISTILL_CACHE:-~/.cache/mnist-distill}) and the imported
 # image are keyed by a hash of this script and its settings, so reruns reuse them.
+# No build-time timestamp reaches the image: file mtimes in the tarball are clamped and the image's
+# creation time is set, both to SOURCE_DATE_EPOCH (default 0); the packages themselves are
+# whatever the mirror serves that day.
 set -euo pipefail
 suite=bookworm
 mirror=http://deb.debian.org/debian
@@ -25,10 +28,11 @@ include=python3,python3-venv,ca-certificates
 arch=$(dpkg --print-architecture)
 # Bump when the rootfs recipe below (debootstrap options, trimming, image config) changes: the key
 # decides whether the cached tarball and image are reused.
-recipe=1
+recipe=2
 key=$(echo "$recipe $suite $mirror $arch $include" | sha256sum | cut -c1-12)
 ref=localhost/mnist-distill-base:$suite-$key
 cache=${MNIST_DISTILL_CACHE:-$HOME/.cache/mnist-distill}
+epoch=${SOURCE_DATE_EPOCH:-0}
 tarball=$cache/debootstrap-$suite-$arch-$key.tar
 
 if buildah inspect --type image "$ref" >/dev/null 2>&1; then
@@ -68,9 +72,14 @@ if [ ! -f "$tarball" ]; then
   # Trim what a container never uses: downloaded .debs, apt lists, docs, man pages.
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin \
     "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
-    "$root"/usr/share/info/* "$root"/var/log/*.log "$root"/tmp/*
+    "$root"/usr/share/info/* "$root"/var/log/* "$root"/tmp/* "$root"/var/cache/debconf/*-old \
+    "$root"/var/lib/dpkg/*-old "$root"/var/cache/ldconfig/aux-cache
+  # A machine id is per machine, not per image (systemd and dbus create it when they need one).
+  : > "$root/etc/machine-id"
   # /dev, /proc and /sys are provided by the container runtime.
-  tar --numeric-owner --xattrs --one-file-system -C "$root" \
+  # Sorted, with every mtime clamped to the epoch : the same tree, the same tar.
+  tar --numeric-owner --xattrs --one-file-system -C "$root" --sort=name \
+    --mtime="@$epoch" --clamp-mtime \
     --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* -cf "$tarball.part" .
   mv "$tarball.part" "$tarball"
   cleanup
@@ -96,6 +105,6 @@ buildah config \
   --label org.opencontainers.image.title="debootstrap $suite minbase + python3" \
   --label org.opencontainers.image.base.name="debian:$suite" \
   "$ctr"
-buildah commit --quiet --rm "$ctr" "$ref" >/dev/null
+buildah commit --quiet --rm --timestamp "$epoch" "$ctr" "$ref" >/dev/null
 trap - EXIT
 echo "$ref"

@@ -4,21 +4,30 @@
 #
 # Usage: scripts/build_image.sh [options]
 #   --variant gpu|cpu     gpu (default): tensorflow[and-cuda] + pinned CUDA wheels; cpu: without them.
-#   --base IMAGE          base image (default python:3.11-slim-bookworm; any Debian-like base with
+#   --base IMAGE          base image (default: the Dockerfile's, python:3.11-slim-bookworm pinned by
+#                         digest; any Debian-like base with
 #                         python3.11, venv, groupadd/useradd).
 #   --tag REF             image reference (default mnist-distill:<git describe>-<variant>).
 #   --wheelhouse DIR      use only these wheels (--no-index --find-links); see docker/fill_wheelhouse.sh.
 #   --tool docker|buildah force a builder (default: docker if `docker info` works, else buildah).
 #   --layers              let buildah cache intermediate layers (docker always does).
+#   --platform OS/ARCH    target platform (default linux/amd64, what GKE's GPU nodes run; an
+#                         Apple-silicon laptop would otherwise build an arm64 image).
+# Reproducible: every timestamp in the image (its creation time, the files' mtimes, the
+# org.opencontainers.image.created label, .pyc files) comes from SOURCE_DATE_EPOCH, by default the
+# commit time of HEAD, so the same commit and base digest give the same image digest.
 #   Anything after `--` goes to the builder unchanged.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 variant=gpu
-base=python:3.11-slim-bookworm
+# The Dockerfile's default base, pinned by digest (refresh both together:
+# `docker buildx imagetools inspect python:3.11-slim-bookworm` prints the current index digest).
+base=$(sed -n 's/^ARG BASE_IMAGE=//p' "$repo/docker/Dockerfile" | head -n1)
 tag=""
 wheelhouse=""
 tool=""
 layers=false
+platform=linux/amd64
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,8 +42,10 @@ while [ $# -gt 0 ]; do
     --tool) tool=$2; shift 2 ;;
     --tool=*) tool=${1#*=}; shift ;;
     --layers) layers=true; shift ;;
+    --platform) platform=$2; shift 2 ;;
+    --platform=*) platform=${1#*=}; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "build_image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +61,9 @@ revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
 describe=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "$version")
 source_url=$(git -C "$repo" remote get-url origin 2>/dev/null || echo unknown)
 tag=${tag:-mnist-distill:$describe-$variant}
+# One timestamp for everything (see the header): the commit's, unless the caller sets one.
+epoch=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}
+created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
 
 # Stage a minimal build context: the package's files plus wheelhouse/ (hard links when possible),
 # so the checkout is never modified and nothing else (runs/, venvs, .git) is sent to the builder.
@@ -73,17 +87,22 @@ build_args=(
   --build-arg "OFFLINE=$offline"
   --build-arg "VERSION=$version"
   --build-arg "REVISION=$revision"
-  --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  --build-arg "CREATED=$created"
+  --build-arg "SOURCE_DATE_EPOCH=$epoch"
   --build-arg "SOURCE=$source_url"
 )
-echo "build_image: $tool, variant=$variant, base=$base, offline=$offline -> $tag" >&2
+echo "build_image: $tool, $platform, variant=$variant, base=$base, offline=$offline -> $tag" >&2
 start=$(date +%s)
 if [ "$tool" = docker ]; then
-  DOCKER_BUILDKIT=1 docker build -f "$ctx/docker/Dockerfile" "${build_args[@]}" -t "$tag" \
-    "${extra[@]}" "$ctx" >&2
+  # BuildKit takes SOURCE_DATE_EPOCH (a build arg) for the image's creation time; file mtimes
+  # are clamped too with `docker buildx build --output type=docker,rewrite-timestamp=true`.
+  DOCKER_BUILDKIT=1 docker build --platform "$platform" -f "$ctx/docker/Dockerfile" \
+    "${build_args[@]}" -t "$tag" "${extra[@]}" "$ctx" >&2
 else
-  buildah bud --isolation "${BUILDAH_ISOLATION:-chroot}" --layers="$layers" \
-    -f "$ctx/docker/Dockerfile" "${build_args[@]}" -t "$tag" "${extra[@]}" "$ctx" >&2
+  # --timestamp sets the creation time and every file's mtime in the new layers.
+  buildah bud --isolation "${BUILDAH_ISOLATION:-chroot}" --layers="$layers" --platform "$platform" \
+    --timestamp "$epoch" -f "$ctx/docker/Dockerfile" "${build_args[@]}" -t "$tag" "${extra[@]}" \
+    "$ctx" >&2
 fi
 echo "build_image: built $tag in $(( $(date +%s) - start ))s" >&2
 echo "$tag"
