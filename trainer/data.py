@@ -5,6 +5,7 @@ MNIST is 55 MB as uint8, so the whole set lives in memory once; the tf.data pipe
 """
 
 import dataclasses
+import hashlib
 import logging
 import socket
 
@@ -26,9 +27,22 @@ class Splits:
   test_labels: np.ndarray
   source: str
 
+  def record(self) -> dict:
+    """Where the data came from and a digest of each split as used (after the cut and any
+    --max_*): two runs with equal records trained and tested on the same examples."""
+    return {"source": self.source,
+            **{part: _digest(getattr(self, f"{part}_images"), getattr(self, f"{part}_labels"))
+               for part in ("train", "validation", "test")}}
+
   def summary(self) -> str:
     return (f"{self.source}: {len(self.train_labels)} train, {len(self.validation_labels)} "
             f"validation, {len(self.test_labels)} test")
+
+
+def _digest(images, labels) -> dict:
+  digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  digest.update(np.ascontiguousarray(labels).astype(np.int64).tobytes())
+  return {"examples": int(len(labels)), "sha256": digest.hexdigest()}
 
 
 TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)  # where tfds fetches MNIST-like data

@@ -25,6 +25,7 @@ MAX_SEED = 2**31 - 1  # TensorFlow's and NumPy's seeds both accept this range
 MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a typo
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+AUGMENTATIONS = ("none", "shift", "affine", "elastic")  # trainer/augment.py implements them
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -111,6 +112,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "student_index", None,
       "Run only the K-th --student (0-based). Default: $JOB_COMPLETION_INDEX when set.",
       lower_bound=0, flag_values=fv)
+  flags.DEFINE_string(
+      "retrain", None,
+      "NAME[,NAME...] or all: discard these models' folders in --model_dir (checkpoints, "
+      "logs, result) and train them again; other models are never touched. Without it, a "
+      "model recorded under other settings stops the job (exit 2).", flag_values=fv)
   # Training.
   flags.DEFINE_integer("teacher_epochs", 10, "Teacher training epochs.", lower_bound=1,
                        flag_values=fv)
@@ -141,6 +147,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("checkpoint_every_steps", None,
                        "Also checkpoint every N steps (a checkpoint is written every epoch).",
                        lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum(
+      "augment", "none", AUGMENTATIONS,
+      "Augmentation of training batches, seeded by (seed, epoch, step); validation and test "
+      "never. shift: whole-pixel shifts up to 2 px; affine: rotation up to 12 degrees, scale "
+      "0.9-1.1 and shifts up to 2 px; elastic: affine plus elastic distortion. Students need "
+      "--teacher_logits=online (the teacher then sees each student's augmented batch).",
+      flag_values=fv)
+  flags.DEFINE_float(
+      "teacher_weight_decay", 0.0,
+      "Decoupled weight decay (AdamW-style, times the learning rate) of the teacher's kernels; "
+      "0: none.", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_integer(
+      "grace_period_seconds", 25,
+      "Seconds between SIGTERM and the kubelet's SIGKILL (the pod's terminationGracePeriodSeconds;"
+      " about 25 on Spot VMs): the SIGTERM checkpoint and its upload must end within it, else the"
+      " job says what the bucket lacks and exits 143 before it.", lower_bound=3, upper_bound=3600,
+      flag_values=fv)
   flags.DEFINE_bool("deterministic", False,
                     "Bit-reproducible training on CPU (op determinism; resume gives the same "
                     "weights as an uninterrupted run).", flag_values=fv)
@@ -178,6 +201,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "validation_examples", lambda n: n is not None and n > 0,
       message="--validation_examples must be > 0: validation drives model selection",
       flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["augment", "teacher_logits", "mode"],
+      lambda f: f["augment"] == "none" or f["teacher_logits"] == "online"
+      or f["mode"] not in ("all", "students"),
+      message="--augment needs --teacher_logits=online: cached teacher logits belong to the "
+      "unaugmented images", flag_values=fv)
   for name in ("learning_rate", "student_learning_rate"):
     flags.register_validator(name, lambda v: v is not None and math.isfinite(v) and v > 0,
                              message=f"--{name} must be finite and > 0", flag_values=fv)
@@ -269,6 +298,21 @@ def _parse_profile_steps(raw):
   return (start, end)
 
 
+def _parse_retrain(raw, students) -> tuple:
+  """--retrain -> the model names it discards ('all': the teacher and every student)."""
+  if not raw or not raw.strip():
+    return ()
+  known = ["teacher", *(spec.name for spec in students)]
+  names = [n.strip() for n in raw.split(",") if n.strip()]
+  if names == ["all"]:
+    return tuple(known)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise UsageError(f"--retrain={raw!r}: no model named {', '.join(unknown)} "
+                     f"(models: {', '.join(known)}, or all)")
+  return tuple(dict.fromkeys(names))
+
+
 def parse_batch_slices(raw: str) -> str:
   """'auto' or a positive integer (as text); UsageError otherwise."""
   raw = raw.strip()
@@ -301,6 +345,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Set
       students=_selected_students(students, index, environ)
       if fv.mode in ("all", "students") else tuple(students),
       batch_slices=parse_batch_slices(fv.batch_slices),
+      retrain=_parse_retrain(fv.retrain, students),
       profile_steps=_parse_profile_steps(fv.profile_steps),
   )
   return Settings(**values)

@@ -14,13 +14,16 @@ import glob
 import logging
 import os
 import signal
+import socket
+import time
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
 import trainer
-from trainer import comparison, distribution, layout, models, results, runtime, teacher_cache
+from trainer import (comparison, distribution, layout, models, provenance, rerun, results, runtime,
+                     teacher_cache)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError
@@ -76,9 +79,32 @@ class Job:
       model.compile(optimizer=mt.optimizer(s.learning_rate, s.teacher_epochs,
                                            train.steps_per_epoch), slices=rt.slices)
     mt.check_stop(TEACHER)
-    trained = mt.train(TEACHER, model, net, train, validation, s.teacher_epochs)
-    mt.finish(TEACHER, net, "teacher", trained, s.teacher_epochs)
+    record = self.teacher_record()
+    trained = mt.train(TEACHER, model, net, train, validation, s.teacher_epochs, record)
+    mt.finish(TEACHER, net, "teacher", trained, s.teacher_epochs, record,
+              extra={"weights_sha256": teacher_cache.weights_digest(net)})
     return net
+
+  def teacher_record(self) -> dict:
+    return provenance.teacher_settings(self.settings, self.rt.splits.record(), self.rt.precision)
+
+  def student_record(self, spec, teacher_sha256: str) -> dict:
+    return provenance.student_settings(self.settings, spec, self.rt.splits.record(),
+                                       self.rt.precision, teacher_sha256)
+
+  def _known_teacher_sha256(self):
+    """The weights digest of the teacher students will learn from, if it exists already."""
+    s, rt = self.settings, self.rt
+    if s.mode == "students":
+      folder = rt.teacher_dir
+    elif s.mode == "all" and "teacher" not in s.retrain:
+      folder = layout.local(rt.dir, TEACHER)
+    else:
+      return None
+    done = layout.read_json(os.path.join(folder, layout.RESULT))
+    if done is None:
+      return None
+    return done.get("weights_sha256") or teacher_cache.weights_digest(self._load_teacher(folder))
 
   def _load_teacher(self, folder):
     with self.rt.strategy.scope():
@@ -106,9 +132,11 @@ class Job:
       distiller = Distiller(net, teacher=None if cached_logits else teacher)
       distiller.compile(optimizer=mt.optimizer(s.student_learning_rate, s.student_epochs,
                                                train.steps_per_epoch),
-                        alpha=spec.alpha, temperature=spec.temperature, slices=rt.slices)
-    trained = mt.train(spec.name, distiller, net, train, validation, s.student_epochs)
-    mt.finish(spec.name, net, "student", trained, s.student_epochs,
+                        distillation_weight=spec.alpha, temperature=spec.temperature,
+                        slices=rt.slices)
+    record = self.student_record(spec, teacher_cache.weights_digest(teacher))
+    trained = mt.train(spec.name, distiller, net, train, validation, s.student_epochs, record)
+    mt.finish(spec.name, net, "student", trained, s.student_epochs, record,
               extra={"alpha": spec.alpha, "temperature": spec.temperature,
                      "teacher_logits": s.teacher_logits, "initial_weights_sha256": initial})
 
@@ -121,7 +149,9 @@ class Job:
             "mnist_distill": trainer.__version__, "precision": rt.precision,
             "jit_compile": s.jit_compile, "global_batch_size": s.batch_size,
             "batch_slices": rt.slices, "intra_op_threads": rt.intra_op_threads,
-            "flags": s.flag_dict()}
+            "flags": s.flag_dict(),
+            "merged_by": {"host": socket.gethostname(), "pid": os.getpid(), "mode": s.mode,
+                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
 
   def _finished_in_bucket(self) -> set:
     return {p for p in self.rt.storage.list_remote("")
@@ -177,6 +207,8 @@ class Job:
     s = self.settings
     if s.mode == "report":
       return
+    rerun.check(s, self.rt, self.teacher_record(), self.student_record,
+                self._known_teacher_sha256())
     teacher = None
     if s.mode in ("all", "teacher"):
       teacher = self.run_teacher()

@@ -7,12 +7,14 @@ synced when, what marks a model finished) holds for all models at once.
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 from typing import Callable, Optional
 
 import keras
 
-from trainer import comparison, evaluation, export, hparams_logging, layout, results, summaries
+from trainer import (comparison, evaluation, export, hparams_logging, layout, provenance, results,
+                     summaries)
 from trainer.errors import Preempted
 from trainer.flags import Settings
 from trainer.loop import LoopConfig, TrainingLoop
@@ -85,16 +87,20 @@ class ModelTrainer:
 
   # ---- training ----
   def train(self, name: str, model, net, train: ArrayPipeline, validation: ArrayPipeline,
-            epochs: int) -> Trained:
-    """Runs (or resumes) the loop for one model; returns what its result needs."""
+            epochs: int, record: dict) -> Trained:
+    """Runs (or resumes) the loop for one model; returns what its result needs. `record` (the
+    settings that make the model, trainer/provenance.py) goes beside its checkpoints."""
     rt, s = self.rt, self.settings
     checkpoints = layout.local(rt.dir, layout.checkpoints_rel(name))
-    if not rt.chief:  # every worker must save; only the chief's copy is kept
+    resume_from = checkpoints  # every worker resumes from the chief's (pulled or shared)
+    if rt.chief:
+      layout.write_json(os.path.join(checkpoints, layout.SETTINGS), record)
+    else:  # every worker must save (MultiWorkerMirroredStrategy); only the chief's is kept
       checkpoints = tempfile.mkdtemp(prefix=f"mnist-distill-{name}-worker-")
     logs = ModelLogs(layout.local(rt.dir, layout.LOGS), name, enabled=rt.chief)
     logs.write_session(hparams_logging.session_hparams(
         "teacher" if name == TEACHER else "student", net.count_params(), s.batch_size, s.seed,
-        getattr(model, "alpha", None), getattr(model, "temperature", None)))
+        getattr(model, "distillation_weight", None), getattr(model, "temperature", None)))
     logs.write_graph(net)
 
     def on_checkpoint():
@@ -120,20 +126,24 @@ class ModelTrainer:
                                    profile_dir=logs.train_dir if rt.chief else None),
                         on_checkpoint=on_checkpoint, on_epoch=on_epoch,
                         should_stop=self.should_stop)
-    loop.restore()
+    loop.restore(resume_from)
     try:
       loop.run()
     except Preempted as e:
       raise Preempted(f"{name}: {e}") from None
+    finally:
+      if not rt.chief:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     logs.close()  # its last events go up with the model's folder in finish()
     return Trained(seconds=float(loop.train_seconds.numpy()),
                    validation=loop.evaluate(validation),
                    examples=epochs * train.steps_per_epoch * s.batch_size)
 
   # ---- finishing ----
-  def finish(self, name: str, net, role: str, trained: Trained, epochs: int,
+  def finish(self, name: str, net, role: str, trained: Trained, epochs: int, record: dict,
              extra: Optional[dict] = None) -> dict:
-    """Evaluates on the test split, exports, and writes the result marker last."""
+    """Evaluates on the test split, exports, and writes the result marker last (with `record`,
+    the settings that made the model)."""
     rt = self.rt
     splits = rt.splits
     logits = evaluation.predict_logits(net, splits.test_images, slices=rt.slices)
@@ -143,7 +153,8 @@ class ModelTrainer:
                   validation_loss=trained.validation["loss"], train_seconds=trained.seconds,
                   train_examples_per_second=trained.examples / max(trained.seconds, 1e-9),
                   alpha=None, temperature=None, precision=rt.precision,
-                  jit_compile=self.settings.jit_compile)
+                  jit_compile=self.settings.jit_compile, settings=record,
+                  settings_sha256=provenance.digest(record))
     result.update(extra or {})
     if rt.chief:
       folder = layout.local(rt.dir, name)
