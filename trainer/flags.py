@@ -321,6 +321,22 @@ def parse_batch_slices(raw: str) -> str:
   raise UsageError(f"--batch_slices={raw!r}: expected 'auto' or a positive integer")
 
 
+LOCATION_FLAGS = ("model_dir", "teacher_dir", "idx_dir", "data_dir")
+LOCATION_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR")
+
+
+def _check_locations(fv: flags.FlagValues, environ) -> None:
+  """One URL grammar for every place the job reads or writes (trainer/storage.py): a value
+  that looks like a URL is a valid gs://BUCKET[/PREFIX] or exit 2, never a local folder."""
+  from trainer import storage  # light: the Cloud Storage client is imported on first use
+  for name in LOCATION_FLAGS:
+    if fv[name].value:
+      storage.parse_location(fv[name].value, f"--{name}")
+  for name in LOCATION_VARIABLES:
+    if environ.get(name, "").strip():
+      storage.parse_location(environ[name].strip(), f"${name}")
+
+
 def _default_model_dir(environ) -> str:
   # Vertex AI sets AIP_MODEL_DIR to <base>/model; the run's root is its parent.
   aip = environ.get("AIP_MODEL_DIR", "").rstrip("/")
@@ -334,6 +350,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Set
   environ = os.environ if environ is None else environ
   if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
     raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
+  _check_locations(fv, environ)
   values = {name: fv[name].value for name in _job_flag_names()}
   students = parse_students(values.pop("student"))
   index = values.pop("student_index")
