@@ -5,6 +5,9 @@ Layout (under <model_dir>/logs):
   <model>/train/         per-epoch scalars; train_seconds (cumulative) -> metric train_seconds
   <model>/validation/    per-epoch scalars; accuracy -> metric validation_accuracy
   <model>/test/          final test scalars; accuracy, errors -> test_accuracy, test_errors
+  <model>/deployment/    written once the model is finished and exported (and again by
+                         --mode=report, which replaces it): the 95% interval of the test
+                         accuracy and the exports' sizes, LiteRT accuracies and latencies
 
 Several pods (a Kubernetes Indexed Job) write different students into the same logs root, so
 there is no shared experiment file to clobber: every session folder carries the *same* experiment
@@ -12,6 +15,8 @@ config, whose domains are the full ranges the flags accept rather than the value
 TensorBoard takes the config of whichever session it finds first, and they are all identical.
 A metric's value is the last scalar of its tag in <session>/<group>.
 """
+
+import os
 
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
@@ -44,6 +49,25 @@ METRICS = (
     hp.Metric("train_seconds", group="train", display_name="train_seconds",
               description="training time, excluding evaluation and export"),
 )
+DEPLOYMENT_RUN = "deployment"
+# (tag in <model>/deployment, description): each also an HParams metric under its own tag.
+DEPLOYMENT_METRICS = (
+    ("test_accuracy_lower", "lower end of the 95% Clopper-Pearson interval of test accuracy"),
+    ("test_accuracy_upper", "upper end of the 95% Clopper-Pearson interval of test accuracy"),
+    ("saved_model_bytes", "SavedModel size on disk"),
+    ("litert_float32_bytes", "float32 LiteRT flatbuffer size"),
+    ("litert_int8_bytes", "int8 LiteRT flatbuffer size"),
+    ("litert_float32_accuracy", "test accuracy of the float32 flatbuffer, run in the interpreter"),
+    ("litert_int8_accuracy", "test accuracy of the int8 flatbuffer, run in the interpreter"),
+    ("litert_float32_latency_ms", "float32 flatbuffer, one image, one thread: median ms"),
+    ("litert_int8_latency_ms", "int8 flatbuffer, one image, one thread: median ms"),
+    ("litert_int8_latency_p99_ms", "int8 flatbuffer, one image, one thread: p99 ms"),
+    ("saved_model_batch_1_ms", "SavedModel serving_default at batch 1: median ms per call"),
+    ("saved_model_batch_256_ms_per_image",
+     "SavedModel serving_default at batch 256: median ms per image"),
+)
+METRICS += tuple(hp.Metric(tag, group=DEPLOYMENT_RUN, display_name=tag, description=text)
+                 for tag, text in DEPLOYMENT_METRICS)
 
 
 def session_hparams(role: str, params: int, batch_size: int, seed: int, alpha=None,
@@ -75,3 +99,48 @@ def write_session(writer, name: str, values: dict) -> None:
   with writer.as_default(step=0):
     tf.summary.experimental.write_raw_pb(experiment_config_pb().SerializeToString(), step=0)
     hp.hparams(values, trial_id=name)
+
+
+def deployment_values(interval, exports) -> dict:
+  """The DEPLOYMENT_METRICS of one model that are known: a failed export leaves its out."""
+  values = {}
+  if interval:
+    values["test_accuracy_lower"], values["test_accuracy_upper"] = (interval["lower"],
+                                                                   interval["upper"])
+  exports = exports or {}
+  saved = exports.get("saved_model") or {}
+  if "bytes" in saved:
+    values["saved_model_bytes"] = saved["bytes"]
+    served = saved.get("latency") or {}
+    values["saved_model_batch_1_ms"] = (served.get("batch_1") or {}).get("median_ms")
+    values["saved_model_batch_256_ms_per_image"] = (
+        served.get("batch_256") or {}).get("per_image_median_ms")
+  for kind in ("float32", "int8"):
+    entry = exports.get(f"litert_{kind}") or {}
+    if "bytes" in entry:
+      values[f"litert_{kind}_bytes"] = entry["bytes"]
+      values[f"litert_{kind}_accuracy"] = entry["test_accuracy"]
+      values[f"litert_{kind}_latency_ms"] = entry["latency"]["median_ms"]
+      if kind == "int8":
+        values["litert_int8_latency_p99_ms"] = entry["latency"]["p99_ms"]
+  return {tag: float(v) for tag, v in values.items() if v is not None}
+
+
+def write_deployment(log_root: str, name: str, step: int, interval, exports) -> dict:
+  """Replaces logs/<name>/deployment with this model's interval bounds and export metrics.
+
+  interval: trainer.selection.accuracy_interval of its test accuracy; exports: what
+  trainer.litert_export.export_and_measure returned. Returns the values written."""
+  run_dir = os.path.join(log_root, name, DEPLOYMENT_RUN)
+  if tf.io.gfile.isdir(run_dir):
+    for old in tf.io.gfile.listdir(run_dir):
+      if old.startswith("events.out.tfevents."):
+        tf.io.gfile.remove(os.path.join(run_dir, old))
+  values = deployment_values(interval, exports)
+  descriptions = dict(DEPLOYMENT_METRICS)
+  writer = tf.summary.create_file_writer(run_dir)
+  with writer.as_default(step=step):
+    for tag, value in values.items():
+      tf.summary.scalar(tag, value, description=descriptions[tag])
+  writer.close()
+  return values

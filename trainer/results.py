@@ -1,12 +1,23 @@
 """Per-model result.json files and the merged results.json / results.md at the run's root.
 
 A model's result.json is its completion marker: written last, atomically, after its export.
-The merge reads only those markers, so partial work never shows up as a result.
+The merge reads only per-model files (the markers and the files in MODEL_FILES beside them), so
+partial work never shows up as a result, and `--mode=report` re-reports finished models without
+retraining anything. From them it computes, for results.json and results.md:
+  - each model's 95% interval on its test accuracy (Clopper-Pearson, trainer/selection.py);
+  - the choice of student (`selection`): made from validation outputs alone, with the paired
+    tests behind it; the same tests on the test split are reported beside it, never used;
+  - the deployment table: sizes, LiteRT accuracies and latencies from each model's exports.json.
 """
 
+import logging
 import os
 
-from trainer import layout
+from trainer import comparison, layout, litert_export, selection
+
+# What the merge reads in <model_dir>/<model>/ besides result.json (a bucket merge pulls these).
+MODEL_FILES = (comparison.PREDICTIONS_FILE, comparison.VALIDATION_PREDICTIONS_FILE,
+               litert_export.EXPORTS_FILE)
 
 
 def read_model_result(model_dir: str, name: str):
@@ -25,24 +36,196 @@ def finished_models(model_dir: str) -> list:
   return sorted(found, key=lambda r: (r.get("role") != "teacher", r["name"]))
 
 
-def best_student(models):
-  """The student to ship: highest validation accuracy (ties: fewer parameters, then name).
+def labels_only_student(models):
+  """The student trained on the labels alone (alpha 0), the baseline distillation must beat."""
+  found = sorted(m["name"] for m in models if m.get("role") == "student" and m.get("alpha") == 0)
+  return found[0] if found else None
 
-  The test split only reports; choosing by it would make its numbers optimistic.
-  """
+
+def test_accuracy_interval(result: dict):
+  """The 95% interval of a model's test accuracy, from its error count and test examples."""
+  examples = result.get("test_examples")
+  if not examples:
+    return None
+  return selection.accuracy_interval(result["test_errors"], examples)
+
+
+def _int8_latency(exports):
+  """The tie-break's latency: the int8 flatbuffer's single-image median, the edge target."""
+  entry = (exports or {}).get("litert_int8") or {}
+  return (entry.get("latency") or {}).get("median_ms")
+
+
+def _same_examples(outputs: dict, digest_key: str, split: str) -> dict:
+  """Keeps the models whose outputs are on the examples most models saw (by image digest)."""
+  digests = {}
+  for name, data in outputs.items():
+    digests.setdefault(str(data[digest_key]), []).append(name)
+  if len(digests) <= 1:
+    return outputs
+  keep = min(digests.values(), key=lambda names: (-len(names), min(names)))  # most, then name
+  dropped = sorted(set(outputs) - set(keep))
+  logging.warning("%s were evaluated on other %s examples than %s: left out of the paired "
+                  "tests", ", ".join(dropped), split, ", ".join(sorted(keep)))
+  return {name: outputs[name] for name in keep}
+
+
+def select(model_dir: str, models: list, level: float = selection.LEVEL):
+  """The `selection` block: the choice from validation files, the test split's tests beside."""
   students = [m for m in models if m.get("role") == "student"]
   if not students:
     return None
-  return min(students, key=lambda m: (-(m.get("validation_accuracy") or 0.0), m["params"],
-                                      m["name"]))
+  validation = {}
+  for m in students:
+    data = comparison.load_validation_predictions(model_dir, m["name"])
+    if data is not None:
+      validation[m["name"]] = data
+  validation = _same_examples(validation, "validation_images_sha256", "validation")
+  labels_only = labels_only_student(models)
+  competitors = [dict(m, latency_ms=_int8_latency(m.get("exports"))) for m in students]
+  choice = selection.choose_student(
+      competitors, {name: {"correct": data["correct"], "cross_entropy": data["cross_entropy"]}
+                    for name, data in validation.items()},
+      labels_only_name=labels_only, level=level)
+  tested = {}
+  for m in students:
+    data = comparison.load_predictions(model_dir, m["name"])
+    if data is not None:
+      tested[m["name"]] = data
+  tested = _same_examples(tested, "test_images_sha256", "test")
+  choice["test_split"] = selection.paired_report(
+      [m["name"] for m in students],
+      {name: data["predictions"] == data["labels"] for name, data in tested.items()},
+      chosen=choice.get("chosen"), labels_only_name=labels_only, level=level)
+  return choice
 
 
+def missing_files(model_dir: str, models: list) -> dict:
+  """{model: [files of MODEL_FILES it lacks]}: what `--mode=report` recomputes for older runs."""
+  found = {}
+  for m in models:
+    lacking = [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, m["name"], f))]
+    if lacking:
+      found[m["name"]] = lacking
+  return found
+
+
+# ---- results.md ----
 def _pct(value):
   return "" if value is None else f"{100 * value:.2f}%"
 
 
+def _interval(interval):
+  return "" if not interval else f"[{100 * interval['lower']:.2f}, {100 * interval['upper']:.2f}]"
+
+
+def _size(entry):
+  if not entry:
+    return ""
+  if "error" in entry:
+    return "failed"
+  size = entry["bytes"]
+  return f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
+def _ms(entry, key="latency"):
+  stats = (entry or {}).get(key) or {}
+  if "median_ms" not in stats:
+    return ""
+  return f"{stats['median_ms']:.3f} / {stats['p99_ms']:.3f}"
+
+
+def _p_value(value):
+  return "" if value is None else (f"{value:.2g}" if value < 0.001 else f"{value:.3f}")
+
+
+def _selection_lines(summary: dict) -> list:
+  choice = summary.get("selection")
+  if not choice:
+    return []
+  lines = ["", "## Which student to ship", ""]
+  chosen = choice.get("chosen")
+  if chosen is None:
+    return lines + [choice["why"]]
+  if choice["tie_break"] is None:
+    verdict = (f"Chosen student: **{chosen}**: the lowest validation cross-entropy, and "
+               f"significantly more accurate on validation than every other student.")
+  elif not choice["significant"]:
+    verdict = (f"Chosen student: **{chosen}**, by the tie-break ({choice['tie_break']}): no "
+               f"difference between the students is significant on validation (level "
+               f"{choice['level']:g}), so none is crowned the best.")
+  else:
+    verdict = (f"Chosen student: **{chosen}**, by the tie-break ({choice['tie_break']}) among "
+               f"the students the leader does not significantly beat: "
+               f"{', '.join(choice['candidates'])}.")
+  lines += [verdict, "", choice["why"], "",
+            f"Criterion: {choice['criterion_description']}; test: {choice['test']}, on the "
+            f"{choice['validation_examples']:,} validation examples.", ""]
+  by_name = {m["name"]: m for m in summary["models"]}
+  test_split = choice.get("test_split") or {}
+  test_p = test_split.get("p_values") or {}
+  lines += ["| student | validation cross-entropy | validation accuracy | validation errors | "
+            "p vs chosen (validation) | test accuracy (95% CI) | p vs chosen (test) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+  for row in choice["ranking"]:
+    model = by_name.get(row["name"], {})
+    name = f"**{row['name']}**" if row["name"] == chosen else row["name"]
+    lines.append(
+        f"| {name} | {row['validation_cross_entropy']:.4f} | {_pct(row['validation_accuracy'])}"
+        f" | {row['validation_errors']} | {_p_value(choice['p_values'].get(row['name']))} | "
+        f"{_pct(model.get('test_accuracy'))} {_interval(model.get('test_accuracy_interval'))} | "
+        f"{_p_value(test_p.get(row['name']))} |")
+  if test_split.get("pairs"):
+    significant = [f"{p['a']} vs {p['b']} (p = {_p_value(p['p_value'])})"
+                   for p in test_split["pairs"] if p["significant"]]
+    lines += ["", f"The same test on the {test_split['examples']:,} test examples is reported "
+              f"only and was never used for the choice: "
+              + ("; ".join(significant) + " significant at that level."
+                 if significant else f"no difference is significant at {choice['level']:g}.")]
+  if choice.get("missing"):
+    lines += ["", f"Left out (no validation outputs): {', '.join(choice['missing'])}."]
+  return lines
+
+
+def _deployment_lines(summary: dict) -> list:
+  models = summary["models"]
+  if not any(m.get("exports") for m in models):
+    return []
+  chosen = (summary.get("selection") or {}).get("chosen")
+  lines = ["", "## Deployment", "",
+           "Sizes on disk (kB: 1,000 bytes; exact bytes in results.json); LiteRT accuracies measured by running each flatbuffer in the "
+           "interpreter on the test split; latencies in ms as median / p99, LiteRT on one thread "
+           "for one image, the SavedModel's `serving_default` per call at batch 1 and per "
+           "image at batch 256.", "",
+           "| model | params | test accuracy (95% CI) | test errors | SavedModel | "
+           "LiteRT float32 | LiteRT int8 | int8 test accuracy (errors) | float32 ms | int8 ms | "
+           "SavedModel ms, batch 1 | SavedModel ms/image, batch 256 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for m in models:
+    exports = m.get("exports") or {}
+    float32, int8 = exports.get("litert_float32"), exports.get("litert_int8")
+    saved = exports.get("saved_model") or {}
+    served = saved.get("latency") or {}
+    int8_accuracy = ("" if not int8 or "error" in int8
+                     else f"{_pct(int8['test_accuracy'])} ({int8['test_errors']})")
+    per_image = (served.get(f"batch_{(exports.get('measure') or {}).get('batch_size', 256)}")
+                 or {}).get("per_image_median_ms")
+    name = f"**{m['name']}** (chosen)" if m["name"] == chosen else m["name"]
+    lines.append(
+        f"| {name} | {m['params']:,} | {_pct(m['test_accuracy'])} "
+        f"{_interval(m.get('test_accuracy_interval'))} | {m['test_errors']} | {_size(saved)} | "
+        f"{_size(float32)} | {_size(int8)} | {int8_accuracy} | {_ms(float32)} | {_ms(int8)} | "
+        f"{_ms(served, 'batch_1')} | {'' if per_image is None else f'{per_image:.4f}'} |")
+  failed = [f"{m['name']} {kind}: {entry['error']}" for m in models
+            for kind, entry in (m.get("exports") or {}).items()
+            if isinstance(entry, dict) and "error" in entry]
+  if failed:
+    lines += ["", "Exports that failed (the job went on): " + "; ".join(failed) + "."]
+  return lines
+
+
 def render_markdown(summary: dict) -> str:
-  """results.md: one table a person can read in a bucket browser or a pull request."""
+  """results.md: the tables a person can read in a bucket browser or a pull request."""
   lines = [
       "# mnist-distill results", "",
       f"Dataset `{summary['dataset']}`, strategy `{summary['strategy']}` with "
@@ -59,11 +242,8 @@ def render_markdown(summary: dict) -> str:
         f"{_pct(m['test_accuracy'])} | {m['test_errors']} | {m['test_loss']:.4f} | "
         f"{_pct(m.get('validation_accuracy'))} | {m['train_seconds']:.1f} | "
         f"{m['train_examples_per_second']:.0f} |")
-  best = best_student(summary["models"])
-  if best is not None:
-    lines += ["", f"Best student by validation accuracy: **{best['name']}** "
-              f"({_pct(best.get('validation_accuracy'))} validation, "
-              f"{_pct(best['test_accuracy'])} test accuracy, {best['params']:,} parameters)."]
+  lines += _selection_lines(summary)
+  lines += _deployment_lines(summary)
   pictures = summary.get("figures") or ()
   if pictures:
     lines += ["", "## Figures", "",
@@ -75,16 +255,21 @@ def render_markdown(summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def merge(model_dir: str, run_info: dict, figures=None) -> dict:
+def merge(model_dir: str, run_info: dict, figures=None, level: float = selection.LEVEL) -> dict:
   """Writes results.json (last, atomically) and results.md from every finished model.
 
-  `figures(model_dir, models)` may draw pictures first; it returns [{"title", "path"}] (paths
-  relative to model_dir), which results.md links to.
+  Reads per-model files only (result.json and MODEL_FILES). `figures(model_dir, models,
+  chosen)` may draw pictures first; it returns [{"title", "path"}] (paths relative to
+  model_dir), which results.md links to.
   """
   models = finished_models(model_dir)
-  summary = dict(run_info, models=models)
+  for m in models:
+    m["test_accuracy_interval"] = test_accuracy_interval(m)
+    m["exports"] = litert_export.read_exports(model_dir, m["name"])
+  choice = select(model_dir, models, level)
+  summary = dict(run_info, models=models, selection=choice)
   if figures is not None:
-    summary["figures"] = figures(model_dir, models)
+    summary["figures"] = figures(model_dir, models, (choice or {}).get("chosen"))
   layout.write_text(os.path.join(model_dir, layout.RESULTS_MD), render_markdown(summary))
   layout.write_json(os.path.join(model_dir, layout.RESULTS_JSON), summary)
   return summary
