@@ -21,6 +21,14 @@ from trainer.errors import Preempted
 STEPS_PER_CALL = 50  # steps per tf.function call: amortizes Python overhead, bounds SIGTERM delay
 
 
+class NonFiniteLoss(Exception):
+  """Training went non-finite (loss or weights). Raised before anything non-finite is saved,
+  so the latest checkpoint stays the last finite one. Exits with EXIT_FAILURE; the caller
+  prefixes the model's name."""
+
+  exit_code = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   epochs: int
@@ -123,7 +131,27 @@ class TrainingLoop:
   def _iterations(self) -> int:
     return int(self.model.optimizer.iterations.numpy())
 
+  def _check_finite(self, what: str) -> None:
+    """Why: a NaN or inf never recovers, and a checkpoint of it would be resumed from. The loss
+    (a running mean since the epoch began, so one bad step keeps it non-finite) is checked after
+    every step chunk; weights and optimizer state before every save, which also catches a
+    last step whose loss was finite but whose update was not."""
+    if what == "loss":
+      loss = float(self.model.get_metrics_result()["loss"])
+      bad = None if np.isfinite(loss) else f"training loss {loss}"
+    else:
+      variables = list(self.model.weights) + list(self.model.optimizer.variables)
+      bad = next((f"non-finite values in {getattr(v, 'path', v.name)}" for v in variables
+                  if not np.isfinite(np.asarray(v.numpy(), dtype=np.float64)).all()), None)
+    if bad:
+      epoch, step = int(self.epoch), int(self.step_in_epoch)
+      where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+      kept = self.manager.latest_checkpoint
+      raise NonFiniteLoss(f"{bad} at {where}: stopped without saving "
+                          f"({'kept ' + os.path.basename(kept) if kept else 'no checkpoint'})")
+
   def _save(self):
+    self._check_finite("weights")
     self.manager.save(checkpoint_number=self._iterations())
     self.on_checkpoint()
 
@@ -175,6 +203,7 @@ class TrainingLoop:
       self._profile_after_chunk()
       step += count
       self.step_in_epoch.assign(step)
+      self._check_finite("loss")
       every = self.config.checkpoint_every_steps
       stop = self.should_stop()
       if stop or (every and self._iterations() % every == 0
