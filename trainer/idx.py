@@ -6,6 +6,7 @@ three layers down, so the header, dimensions and length are all checked.
 
 import gzip
 import os
+import re
 import struct
 
 import numpy as np
@@ -74,3 +75,31 @@ def load_split(folder: str, split: str):
   if labels.size and labels.max() > 9:
     raise UsageError(f"IDX labels in {label_path} go up to {labels.max()}, expected 0..9")
   return images, labels.astype(np.int64)
+
+
+# A folder of one unsplit set (e.g. a transfer set): `<prefix>images-idx3-ubyte[.gz]` and,
+# optionally, `<prefix>labels-idx1-ubyte[.gz]` with the same prefix ("-" or "." before "idx").
+_UNSPLIT_IMAGES = re.compile(r"^(?P<prefix>.*)images(?P<sep>[-.])idx3-ubyte(\.gz)?$")
+
+
+def find_unsplit(folder: str):
+  """(images path, labels path or None) of the one IDX image set in `folder`."""
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError as e:
+    raise UsageError(f"cannot list IDX folder {folder}: {e.strerror}") from None
+  matches = [m for m in map(_UNSPLIT_IMAGES.match, names) if m]
+  if not matches:
+    raise UsageError(f"no IDX images file (*images-idx3-ubyte[.gz]) in {folder}")
+  if len(matches) > 1:
+    found = ", ".join(m.string for m in matches)
+    raise UsageError(f"several IDX images files in {folder} ({found}); keep one set per folder")
+  match = matches[0]
+  label_stem = f"{match['prefix']}labels{match['sep']}idx1-ubyte"
+  labels = [os.path.join(folder, n) for n in (label_stem, label_stem + ".gz") if n in names]
+  return os.path.join(folder, match.string), (labels[0] if labels else None)
+
+
+def read_file(path: str, expected_magic: int) -> np.ndarray:
+  """One IDX file (gzipped or not) as a checked uint8 array."""
+  return parse_idx(_read_bytes(path), expected_magic, path)
