@@ -230,3 +230,25 @@ def test_sync_never_deletes_a_lease(gcs_emulator, tmp_path):
   assert lease_object(gcs_emulator)[1]["holder"] == held.holder
   held.release()
   run.close()
+
+
+def test_a_lost_answer_to_our_own_create_still_gives_us_the_lease(gcs_emulator, tmp_path,
+                                                                  monkeypatch):
+  # The create reaches the server but its answer is lost: the retry meets 412 (the object now
+  # exists), and the lease must see that it is its own rather than report itself busy.
+  import requests
+  from google.cloud.storage import Blob
+  real, lost = Blob.upload_from_string, []
+
+  def answer_lost_once(self, *args, **kwargs):
+    real(self, *args, **kwargs)
+    if not lost:
+      lost.append(self.name)
+      raise requests.exceptions.ConnectionError("connection reset")
+
+  monkeypatch.setattr(Blob, "upload_from_string", answer_lost_once)
+  held = lease.acquire(run_on(gcs_emulator, tmp_path), "teacher", wait_seconds=0)
+  assert lost and lease_object(gcs_emulator)[1]["holder"] == held.holder
+  held.ensure_held()
+  held.release()
+  assert lease_object(gcs_emulator) is None

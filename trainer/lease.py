@@ -246,7 +246,7 @@ class _BucketLease(Lease):
   # ---- acquiring ----
   def _take(self, timing: _Timing) -> None:
     from google.api_core import exceptions
-    started, announced = time.monotonic(), False
+    started, announced, conflicts = time.monotonic(), False, 0
     while True:
       found = self._read()
       generation, record = found if found else (0, {})
@@ -261,7 +261,10 @@ class _BucketLease(Lease):
             log.warning("%s: took over the expired lease of %s", self.model, _describe(record))
           return
         except exceptions.PreconditionFailed:
-          continue  # someone else wrote it first: look again
+          conflicts += 1  # someone else wrote first (or our own retried write did): look again
+          if conflicts > 20:
+            raise self._busy(record, time.monotonic() - started) from None
+          continue
       waited = time.monotonic() - started
       if waited >= timing.wait_seconds:
         raise self._busy(record, waited)
