@@ -168,6 +168,15 @@ def _nine_outputs(tmp_path):
   return _save_keras(tmp_path, "nine.keras", [keras.layers.Flatten(), keras.layers.Dense(9)])
 
 
+def _two_outputs(tmp_path):
+  keras.utils.set_random_seed(2)
+  inputs = keras.Input((28, 28, 1))
+  flat = keras.layers.Flatten()(inputs)
+  path = str(tmp_path / "two.keras")
+  keras.Model(inputs, [keras.layers.Dense(10)(flat), keras.layers.Dense(10)(flat)]).save(path)
+  return path
+
+
 def _text_as_keras(tmp_path):
   (tmp_path / "notes.keras").write_text("not a model\n")
   return str(tmp_path / "notes.keras")
@@ -207,6 +216,7 @@ def _dropout_left_on_savedmodel(tmp_path):
     (_flat_input, r"input is \[None, 784\], expected \[N,28,28,1\] or \[N,28,28\]"),
     (_larger_images, r"input is \[None, 32, 32, 1\]"),
     (_nine_outputs, "output has 9 units, expected 10"),
+    (_two_outputs, "has 2 outputs, expected one"),
     (_text_as_keras, "does not load as a Keras model"),
     (_bytes_as_h5, "does not load as a Keras model"),
     (_folder_without_savedmodel, "does not load: a folder without saved_model.pb"),

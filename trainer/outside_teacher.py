@@ -20,14 +20,20 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import UsageError
+from trainer.pipeline import normalize_images
 
 INPUT_RANGES = {"0-1": 1.0, "0-255": 255.0}  # pixel scale the teacher was trained on
 NUM_CLASSES = 10
 SUM_TOLERANCE = 1e-3  # softmax rows in float16 or float32 sum to 1 well within this
 REPEAT_TOLERANCE = 1e-5  # inference is repeatable to float rounding; dropout is off by O(1)
 PROBE_EXAMPLES = 32
-TINY = float(np.finfo(np.float32).tiny)  # log(0) -> log(tiny): finite, and no larger than
-                                         # what float32 underflow already lost
+# log(0) becomes log(tiny): finite (a -inf target makes the KL NaN), changing only probabilities
+# that float32 had already flushed to zero.
+TINY = float(np.finfo(np.float32).tiny)
+
+
+class _Rejected(Exception):
+  """A failed check; load_teacher turns it into a UsageError naming the model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,28 +74,17 @@ class _TeacherAdapter(keras.Model):
     self.scale = scale
     self.probabilities = probabilities
 
-  def call(self, images, training=False):
-    del training  # the outside model always runs in inference mode
+  def outputs_of(self, images):
+    """Every output tensor of the outside model (SavedModel signatures return a dict)."""
     x = images if self.channel_axis else tf.squeeze(images, axis=-1)
     if self.scale != 1.0:
       x = x * self.scale
-    out = tf.cast(_single_output(self.net(x, training=False)), tf.float32)
+    return tf.nest.flatten(self.net(x, training=False))
+
+  def call(self, images, training=False):
+    del training  # the outside model always runs in inference mode
+    out = tf.cast(self.outputs_of(images)[0], tf.float32)  # load_teacher checked: only one
     return tf.math.log(tf.maximum(out, TINY)) if self.probabilities else out
-
-
-class _SeveralOutputs(ValueError):
-  pass
-
-
-def _single_output(out):
-  """The one tensor of a model's output (SavedModel signatures return {name: tensor})."""
-  if isinstance(out, dict):
-    out = list(out.values())
-  if isinstance(out, (list, tuple)):
-    if len(out) != 1:
-      raise _SeveralOutputs(f"has {len(out)} outputs, expected one")
-    out = out[0]
-  return out
 
 
 def file_digest(path: str) -> str:
@@ -113,50 +108,57 @@ def _first_line(error: Exception) -> str:
   return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-def _load(path: str, fail):
-  """(net, kind, declared input shape or None) for a Keras file or a SavedModel folder."""
-  if os.path.isdir(path):
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-      fail("does not load: a folder without saved_model.pb is not a SavedModel")
-    try:
-      reloaded = tf.saved_model.load(path)
-    except Exception as e:  # any parse or version error of the SavedModel
-      fail(f"does not load as a SavedModel ({_first_line(e)})")
-    # model.export() writes a "serve" endpoint; tf.saved_model.save a serving_default signature.
-    endpoint = next((name for name in ("serve", "serving_default")
-                     if hasattr(reloaded, name) or name in reloaded.signatures), None)
-    if endpoint is None:
-      fail(f"SavedModel has no 'serve' or 'serving_default' endpoint "
-           f"(it has {sorted(reloaded.signatures)})")
-    declared = None
-    if endpoint in reloaded.signatures:
-      specs = reloaded.signatures[endpoint].structured_input_signature
-      flat = tf.nest.flatten(specs)
-      if len(flat) != 1:
-        fail(f"SavedModel endpoint {endpoint!r} takes {len(flat)} inputs, expected one image batch")
-      declared = flat[0]
-    try:
-      return keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False), \
-          "savedmodel", declared
-    except Exception as e:
-      fail(f"does not load as a SavedModel ({_first_line(e)})")
-  kind = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}.get(os.path.splitext(path)[1].lower())
-  if not os.path.isfile(path):
-    fail("does not exist")
-  if kind is None:
-    fail("is neither a .keras or .h5 file nor a SavedModel folder")
+def _load_savedmodel(path: str):
+  """(TFSMLayer, declared input spec or None). model.export() writes a 'serve' endpoint,
+  tf.saved_model.save a 'serving_default' signature."""
+  if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+    raise _Rejected("does not load: a folder without saved_model.pb is not a SavedModel")
+  try:
+    reloaded = tf.saved_model.load(path)
+  except Exception as e:  # any parse or version error of the SavedModel
+    raise _Rejected(f"does not load as a SavedModel ({_first_line(e)})") from None
+  endpoint = next((name for name in ("serve", "serving_default")
+                   if hasattr(reloaded, name) or name in reloaded.signatures), None)
+  if endpoint is None:
+    raise _Rejected(f"SavedModel has no 'serve' or 'serving_default' endpoint "
+                    f"(it has {sorted(reloaded.signatures)})")
+  declared = None
+  if endpoint in reloaded.signatures:
+    specs = tf.nest.flatten(reloaded.signatures[endpoint].structured_input_signature)
+    if len(specs) != 1:
+      raise _Rejected(f"endpoint {endpoint!r} takes {len(specs)} inputs, expected one batch")
+    declared = specs[0]
+  return keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False), declared
+
+
+def _load_keras(path: str):
+  """(Keras model, declared input spec or None) from a .keras or .h5 file."""
   try:
     net = keras.models.load_model(path, compile=False)
   except Exception as e:  # corrupt zip or HDF5, unknown layers, unsafe lambdas...
-    fail(f"does not load as a Keras model ({_first_line(e)})")
+    raise _Rejected(f"does not load as a Keras model ({_first_line(e)})") from None
   inputs = getattr(net, "inputs", None) or []
   if len(inputs) > 1:
-    fail(f"takes {len(inputs)} inputs, expected one image batch")
+    raise _Rejected(f"takes {len(inputs)} inputs, expected one image batch")
   declared = tf.TensorSpec(tuple(inputs[0].shape), inputs[0].dtype) if inputs else None
+  return net, declared
+
+
+def _load(path: str):
+  """(net, kind, declared input spec or None)."""
+  if os.path.isdir(path):
+    net, declared = _load_savedmodel(path)
+    return net, "savedmodel", declared
+  if not os.path.isfile(path):
+    raise _Rejected("does not exist")
+  kind = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}.get(os.path.splitext(path)[1].lower())
+  if kind is None:
+    raise _Rejected("is neither a .keras or .h5 file nor a SavedModel folder")
+  net, declared = _load_keras(path)
   return net, kind, declared
 
 
-def _layout(declared, fail):
+def _layout(declared):
   """True for [N,28,28,1], False for [N,28,28], None when the model declares no shape."""
   if declared is None or declared.shape.rank is None:
     return None
@@ -164,9 +166,9 @@ def _layout(declared, fail):
   for channel_axis, expected in ((True, [28, 28, 1]), (False, [28, 28])):
     if len(dims) == len(expected) and all(d is None or d == e for d, e in zip(dims, expected)):
       if not declared.dtype.is_floating:
-        fail(f"input is {declared.dtype.name}, expected float images")
+        raise _Rejected(f"input is {declared.dtype.name}, expected float images")
       return channel_axis
-  fail(f"input is {list(declared.shape)}, expected [N,28,28,1] or [N,28,28]")
+  raise _Rejected(f"input is {list(declared.shape)}, expected [N,28,28,1] or [N,28,28]")
 
 
 def default_probe_images() -> np.ndarray:
@@ -174,51 +176,48 @@ def default_probe_images() -> np.ndarray:
   return np.random.default_rng(0).integers(0, 256, (PROBE_EXAMPLES, 28, 28), dtype=np.uint8)
 
 
+def _checked_adapter(net, channel_axis, scale: float, probe: np.ndarray):
+  """(adapter, "logits" or "probabilities") after the output and determinism checks."""
+  batch = normalize_images(probe)
+  layouts = [channel_axis] if channel_axis is not None else [True, False]
+  for layout in layouts:
+    adapter = _TeacherAdapter(net, layout, scale, probabilities=False)
+    try:
+      outputs = adapter.outputs_of(batch)
+      break
+    except Exception as e:  # a shape or dtype the model's own layers refuse
+      error = _first_line(e)
+  else:
+    raise _Rejected(f"fails on a [N,28,28,1] and on a [N,28,28] float batch ({error})")
+  if len(outputs) != 1:
+    raise _Rejected(f"has {len(outputs)} outputs, expected one")
+  first = adapter(batch).numpy()
+  if first.ndim != 2 or first.shape[0] != len(probe):
+    raise _Rejected(f"output is {list(first.shape)}, expected [N,{NUM_CLASSES}]")
+  if first.shape[1] != NUM_CLASSES:
+    raise _Rejected(f"output has {first.shape[1]} units, expected {NUM_CLASSES}")
+  if not np.all(np.isfinite(first)):
+    raise _Rejected("output is not finite on the probe batch")
+  spread = float(np.max(np.abs(adapter(batch).numpy() - first)))
+  if spread > REPEAT_TOLERANCE * max(1.0, float(np.max(np.abs(first)))):
+    raise _Rejected(f"is not deterministic in inference mode (two calls on the same batch "
+                    f"differ by {spread:.3g}; is dropout or noise on at inference?)")
+  if np.all(first >= 0.0) and np.all(np.abs(first.sum(axis=-1) - 1.0) <= SUM_TOLERANCE):
+    return _TeacherAdapter(net, adapter.channel_axis, scale, probabilities=True), "probabilities"
+  return adapter, "logits"
+
+
 def load_teacher(path: str, input_range: str = "0-1", probe_images=None) -> OutsideTeacher:
   """Loads and checks an outside teacher; raises UsageError with one line naming the failed
   check. `probe_images` (uint8 [N,28,28], e.g. a few test images) feed the checks."""
-  def fail(reason):
-    raise UsageError(f"teacher model {path}: {reason}")
-
   if input_range not in INPUT_RANGES:
     raise UsageError(f"teacher input range {input_range!r} is not one of {sorted(INPUT_RANGES)}")
-  net, kind, declared = _load(path, fail)
-  channel_axis = _layout(declared, fail)
   probe = default_probe_images() if probe_images is None else np.asarray(probe_images)
-  batch = tf.constant(probe[..., None].astype(np.float32) / 255.0)
-
-  def run(layout, probabilities=False):
-    adapter = _TeacherAdapter(net, layout, INPUT_RANGES[input_range], probabilities)
-    return adapter, adapter(batch).numpy()
-
-  layouts = [channel_axis] if channel_axis is not None else [True, False]
-  errors = []
-  for layout in layouts:
-    try:
-      adapter, first = run(layout)
-      break
-    except _SeveralOutputs as e:
-      fail(str(e))
-    except Exception as e:  # shape or dtype mismatch inside the model, several outputs, ...
-      errors.append(_first_line(e))
-  else:
-    fail(f"fails on a [N,28,28,1] / [N,28,28] float batch ({errors[-1]})")
-  if first.ndim != 2 or first.shape[0] != len(probe):
-    fail(f"output is {list(first.shape)}, expected [N,{NUM_CLASSES}]")
-  if first.shape[1] != NUM_CLASSES:
-    fail(f"output has {first.shape[1]} units, expected {NUM_CLASSES}")
-  if not np.all(np.isfinite(first)):
-    fail("output is not finite on the probe batch")
-  second = adapter(batch).numpy()
-  spread = float(np.max(np.abs(second - first)))
-  if spread > REPEAT_TOLERANCE * max(1.0, float(np.max(np.abs(first)))):
-    fail(f"is not deterministic in inference mode (two calls on the same batch differ by "
-         f"{spread:.3g}; is dropout or noise on at inference?)")
-  probabilities = bool(np.all(first >= 0.0) and
-                       np.all(np.abs(first.sum(axis=-1) - 1.0) <= SUM_TOLERANCE))
-  if probabilities:
-    adapter, _ = run(adapter.channel_axis, probabilities=True)
+  try:
+    net, kind, declared = _load(path)
+    adapter, output = _checked_adapter(net, _layout(declared), INPUT_RANGES[input_range], probe)
+  except _Rejected as e:
+    raise UsageError(f"teacher model {path}: {e}") from None
   adapter.trainable = False
   return OutsideTeacher(model=adapter, source=path, kind=kind, sha256=file_digest(path),
-                        input_range=input_range,
-                        output="probabilities" if probabilities else "logits")
+                        input_range=input_range, output=output)
