@@ -5,6 +5,8 @@ Tests that need a fresh process (signals, thread settings, op determinism, exit 
 using helpers.run_cli.
 """
 
+from absl import logging
+
 from trainer import flags, job
 
 
@@ -15,5 +17,7 @@ def parse(args):
 
 def run_job(args, **overrides):
   """Runs `mnist-distill ARGS` in-process; returns the merged summary. `overrides` go to
-  trainer.job.run (strategy, storage, splits)."""
-  return job.run(parse(args), **overrides)
+  trainer.job.run (strategy, storage, splits). Its log lines reach pytest's caplog."""
+  settings = parse(args)
+  logging.set_verbosity(logging.INFO)
+  return job.run(settings, **overrides)

@@ -1,12 +1,15 @@
 """Flags and bad input: one clear line, exit code 2, before training, nothing overwritten."""
 
 import gzip
+import logging
 import os
 import shutil
 
 import pytest
 
 from helpers import MNIST_DIR, error_lines, run_cli, tree_digest
+from inprocess import run_job
+from trainer import errors
 from trainer import flags as job_flags
 from trainer.errors import UsageError
 
@@ -50,8 +53,8 @@ def test_flagfile_and_student_index(tmp_path, monkeypatch):
 
 
 def test_vertex_ai_model_dir(monkeypatch):
-  monkeypatch.setenv("AIP_MODEL_DIR", "gs://b/job-1/model/")
-  assert job_flags.parse_argv(["prog"]).model_dir == "gs://b/job-1"
+  monkeypatch.setenv("AIP_MODEL_DIR", "gs://my-bucket/job-1/model/")
+  assert job_flags.parse_argv(["prog"]).model_dir == "gs://my-bucket/job-1"
 
 
 def test_helpfull_documents_every_flag():
@@ -98,11 +101,31 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line_and_keeps_model_dir(case, tmp_path, populated_model_dir):
+def _bad_args(case, tmp_path):
   args, message = BAD_INPUTS[case]
   corrupt = _corrupt_idx_dir(tmp_path) if case == "corrupt_idx" else None
-  args = [a.format(tmp=tmp_path, corrupt=corrupt) for a in args]
+  return [a.format(tmp=tmp_path, corrupt=corrupt) for a in args], message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_keeps_model_dir(case, tmp_path, populated_model_dir,
+                                                             caplog):
+  """In-process: the error the CLI turns into exit 2 and its one line (next test)."""
+  args, message = _bad_args(case, tmp_path)
+  before = tree_digest(populated_model_dir)
+  caplog.set_level(logging.INFO)
+  with pytest.raises(errors.UsageError) as raised:
+    run_job([f"--model_dir={populated_model_dir}", *args])
+  assert raised.value.exit_code == 2
+  assert "\n" not in str(raised.value) and message in str(raised.value)
+  assert "epoch" not in caplog.text  # failed before any training
+  assert tree_digest(populated_model_dir) == before
+
+
+@pytest.mark.parametrize("case", ["unknown_flag", "batch_larger_than_data", "corrupt_idx"])
+def test_bad_input_through_the_cli(case, tmp_path, populated_model_dir):
+  """The same refusals as a user sees them: exit 2, one line, no traceback."""
+  args, message = _bad_args(case, tmp_path)
   before = tree_digest(populated_model_dir)
   proc = run_cli([f"--model_dir={populated_model_dir}", *args])
   assert proc.returncode == 2, proc.stderr[-2000:]

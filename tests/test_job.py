@@ -2,13 +2,15 @@
 
 import glob
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR, SMOKE_ARGS, run_cli, tree_digest
+from helpers import MNIST_DIR, SMOKE_ARGS, tree_digest
+from inprocess import run_job
 from trainer import batch_slices, idx
 
 MODELS = ("teacher", "labels_only", "teacher_only", "distilled")
@@ -93,28 +95,28 @@ def test_exports_reproduce_reported_accuracy(smoke_run):
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_rerun_reuses_finished_models(smoke_run):
+def test_rerun_reuses_finished_models(smoke_run, caplog):
   root = smoke_run["model_dir"]
   models_before = {name: tree_digest(f"{root}/{name}") for name in MODELS}
-  proc = run_cli([f"--model_dir={root}", *SMOKE_ARGS])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "epoch 1/" not in proc.stderr  # nothing retrained
-  assert "teacher already finished" in proc.stderr
+  caplog.set_level(logging.INFO)
+  run_job([f"--model_dir={root}", *SMOKE_ARGS])
+  assert "epoch 1/" not in caplog.text  # nothing retrained
+  assert "teacher already finished" in caplog.text
   assert {name: tree_digest(f"{root}/{name}") for name in MODELS} == models_before
 
 
-def test_teacher_then_indexed_students(smoke_run, tmp_path):
+def test_teacher_then_indexed_students(smoke_run, tmp_path, monkeypatch):
   """The Kubernetes flow: students run one per pod, each by JOB_COMPLETION_INDEX."""
   model_dir = tmp_path / "run"
   teacher_dir = os.path.join(smoke_run["model_dir"], "teacher")
   args = [f"--model_dir={model_dir}", f"--teacher_dir={teacher_dir}", "--mode=students",
           *SMOKE_ARGS, "--student=a:alpha=0", "--student=b:alpha=0.5,temperature=2"]
-  proc = run_cli(args, JOB_COMPLETION_INDEX="1")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+  run_job(args)
   assert not (model_dir / "a").exists() and (model_dir / "b" / "result.json").exists()
   assert not (model_dir / "teacher").exists()  # the teacher was read, not retrained
-  proc = run_cli([*args, "--student_index=0"])
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  monkeypatch.delenv("JOB_COMPLETION_INDEX")
+  run_job([*args, "--student_index=0"])
   with open(model_dir / "results.json") as f:
     names = [m["name"] for m in json.load(f)["models"]]
   assert names == ["a", "b"]

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from helpers import FASHION_MNIST_DIR, MNIST_DIR, run_cli
+from helpers import FASHION_MNIST_DIR, MNIST_DIR
+from inprocess import run_job
 from trainer import data, idx
 
 
@@ -31,11 +32,10 @@ def test_tfds_fashion_mnist_loads(tfds_data_dir):
 
 
 def test_job_runs_on_tfds_fashion_mnist(tfds_data_dir, tmp_path):
-  proc = run_cli([f"--model_dir={tmp_path}/run", "--dataset=fashion_mnist",
-                  f"--data_dir={tfds_data_dir}", "--max_train_examples=2048",
-                  "--validation_examples=128", "--max_test_examples=256", "--teacher_epochs=2",
-                  "--student_epochs=1", "--batch_size=64", "--student=only:alpha=0.5"])
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_job([f"--model_dir={tmp_path}/run", "--dataset=fashion_mnist",
+           f"--data_dir={tfds_data_dir}", "--max_train_examples=2048",
+           "--validation_examples=128", "--max_test_examples=256", "--teacher_epochs=2",
+           "--student_epochs=1", "--batch_size=64", "--student=only:alpha=0.5"])
   with open(tmp_path / "run" / "results.json") as f:
     summary = json.load(f)
   assert summary["dataset"] == "fashion_mnist"
