@@ -32,6 +32,7 @@ import uuid
 from typing import Optional, Tuple
 
 from trainer import storage
+from trainer.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,14 @@ class _BucketLease(Lease):
     self._lost: Optional[str] = None
     self._generation = 0
     self._expires = 0.0
-    self._take(timing)
+    try:
+      self._take(timing)
+    except (ModelBusy, StorageError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # e.g. 403: one line, exit 3
+      text = " ".join(str(e).split())[:300]
+      raise StorageError(
+          f"{self.where}: cannot take the lease: {type(e).__name__}: {text}") from e
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._renew_until_stopped, daemon=True,
                                     name=f"mnist-distill-lease-{model}")

@@ -102,7 +102,7 @@ def parse_location(value, flag_name: str) -> Optional[Tuple[str, str]]:
   """
   if not isinstance(value, str):
     return None  # a pathlib.Path is always local
-  match = _URL_RE.match(value) or _CLOUD_SCHEME_RE.match(value)
+  match = _URL_RE.match(value.strip()) or _CLOUD_SCHEME_RE.match(value.strip())
   if not match:
     return None
 
@@ -110,6 +110,8 @@ def parse_location(value, flag_name: str) -> Optional[Tuple[str, str]]:
     shown = value if value.isprintable() else repr(value)  # the error stays one line
     return UsageError(f"{flag_name}={shown}: {why}")
 
+  if value != value.strip():
+    raise bad("remove the white space around the URL")
   scheme = match.group(1)
   if scheme.lower() != "gs":
     raise bad(f"{scheme}: URLs are not supported; use gs://BUCKET/PREFIX, or a plain path "
@@ -122,8 +124,8 @@ def parse_location(value, flag_name: str) -> Optional[Tuple[str, str]]:
   why = _bucket_problem(bucket)
   if why:
     raise bad(why)
-  if prefix.endswith("/"):
-    prefix = prefix[:-1]  # gs://b/run/ is gs://b/run
+  if prefix.endswith("/") and prefix != "/" and not prefix.endswith("//"):
+    prefix = prefix[:-1]  # gs://b/run/ is gs://b/run; gs://b// and gs://b/run// are refused
   if prefix:
     why = _name_problem(prefix)
     if why:
