@@ -1,12 +1,15 @@
 """MultiWorkerMirroredStrategy for real: two worker processes on 127.0.0.1 with real ports.
 
-They must end with the weights one process reaches on the same global batch.
+They must end with the weights one process reaches on the same global batch; after a worker is
+killed, the survivor exits 4 and a rerun of both resumes to the weights of an uninterrupted run.
 """
 
 import json
+import re
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -16,6 +19,13 @@ from helpers import MNIST_DIR, REPO, cli_env, run_cli
 ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
         "--max_test_examples=256", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
         "--student=only:alpha=0.5,temperature=4", "--deterministic"]
+
+
+# The resume tests: the teacher alone, 24 steps an epoch, a checkpoint every 8 steps.
+TINY_TEACHER = [f"--idx_dir={MNIST_DIR}", "--mode=teacher", "--max_train_examples=1536",
+                "--validation_examples=128", "--max_test_examples=256", "--teacher_epochs=3",
+                "--batch_size=64", "--checkpoint_every_steps=8", "--deterministic"]
+STEPS_PER_EPOCH = 24
 
 
 def _free_ports(count):
@@ -62,3 +72,85 @@ def test_two_workers_match_one_process(tmp_path):
     single_summary = json.load(f)
   for ours, theirs in zip(summary["models"], single_summary["models"]):
     assert abs(ours["test_accuracy"] - theirs["test_accuracy"]) <= 2 / 256
+
+
+def start_workers(tmp_path, args, model_dirs=(), tag="run"):
+  """Two workers of one cluster (`model_dirs`: one --model_dir each); output in <tag>-N.log."""
+  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  procs, logs = [], []
+  for index in range(2):
+    tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    own = [f"--model_dir={model_dirs[index]}"] if model_dirs else []
+    logs.append(tmp_path / f"{tag}-{index}.log")
+    with open(logs[-1], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "trainer", "--strategy=auto", *own, *args], cwd=REPO,
+          env=cli_env(TF_CONFIG=json.dumps(tf_config)), stdout=log, stderr=subprocess.STDOUT))
+  return procs, logs
+
+
+def read_checkpoint_step(folder):
+  """Global step of the latest checkpoint in folder (they are numbered by it); 0 if none."""
+  try:
+    state = (folder / "checkpoint").read_text()
+  except FileNotFoundError:
+    return 0
+  found = re.search(r'model_checkpoint_path: "ckpt-(\d+)"', state)
+  return int(found[1]) if found else 0
+
+
+def _wait_all(procs, logs, timeout=300):
+  try:
+    codes = [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return codes, [log.read_text() for log in logs]
+
+
+def test_killed_worker_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+  reference = tmp_path / "reference"
+  codes, outs = _wait_all(*start_workers(tmp_path, [f"--model_dir={reference}", *TINY_TEACHER],
+                                         tag="reference"))
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+
+  run = tmp_path / "run"  # one folder for both workers, as a bucket or a shared volume is
+  checkpoints = run / "teacher" / "checkpoints"
+  procs, logs = start_workers(tmp_path, [f"--model_dir={run}", *TINY_TEACHER], tag="killed")
+  try:
+    deadline = time.monotonic() + 300
+    while read_checkpoint_step(checkpoints) <= STEPS_PER_EPOCH:  # into the second epoch
+      assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+      time.sleep(0.02)
+    procs[1].kill()
+    killed = time.monotonic()
+    code = procs[0].wait(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+  out = logs[0].read_text()
+  assert code == 4 and "mnist-distill: error: PeerLost:" in out, out[-3000:]
+  assert waited < 60, waited
+  step = read_checkpoint_step(checkpoints)
+  assert STEPS_PER_EPOCH < step < 3 * STEPS_PER_EPOCH
+
+  # The layout of the report: worker 1 with a folder of its own finds no progress. Both stop,
+  # with one clear line, before the first step, instead of hanging in their first collective.
+  codes, outs = _wait_all(*start_workers(tmp_path, TINY_TEACHER, tag="apart",
+                                         model_dirs=(run, tmp_path / "apart")), timeout=180)
+  assert codes == [2, 2], outs[0][-3000:] + outs[1][-3000:]
+  for out in outs:
+    assert "mnist-distill: error: the workers restored different progress (worker 0: epoch 1, " \
+        f"step {step - STEPS_PER_EPOCH} (global step {step}" in out, out[-3000:]
+  assert read_checkpoint_step(checkpoints) == step  # nothing trained, nothing saved
+
+  codes, outs = _wait_all(*start_workers(tmp_path, [f"--model_dir={run}", *TINY_TEACHER],
+                                         tag="rerun"))
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  for out in outs:  # both from the chief's checkpoint
+    assert f"Resumed from {checkpoints}/ckpt-{step} (epoch 1, step {step - STEPS_PER_EPOCH})" \
+        in out, out[-3000:]
+  for got, want in zip(_weights(run / "teacher" / "model.keras"),
+                       _weights(reference / "teacher" / "model.keras"), strict=True):
+    assert got.dtype == want.dtype and np.array_equal(got, want)  # bit for bit

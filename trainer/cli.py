@@ -2,10 +2,11 @@
 
 Every failure ends as one line on stderr and a documented exit code (trainer/errors.py):
 0 done, 1 unexpected failure, 2 bad input (before any training), 3 bucket unreachable,
-143 stopped by SIGTERM after a checkpoint.
+4 a multi-worker peer was lost, 143 stopped by SIGTERM after a checkpoint.
 """
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -20,7 +21,20 @@ _HELP_FLAGS = ("-?", "-h", "--help", "--helpfull", "--helpshort", "--helpxml")
 
 def _fail(code: int, message: str):
   print(f"mnist-distill: error: {message}", file=sys.stderr, flush=True)
+  if code == errors.EXIT_PEER_LOST:
+    # TensorFlow's teardown waits for the lost peer (its shutdown barrier): leave at once, so
+    # the group restarts sooner. Queued uploads were flushed by the job before this point.
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
+
+
+def _peer_lost(e: Exception):
+  """PeerLost for a TensorFlow error that a lost multi-worker peer caused, else None."""
+  if "tensorflow" not in sys.modules:
+    return None
+  from trainer import distribution  # pylint: disable=import-outside-toplevel
+  return distribution.peer_lost(e)
 
 
 def parse_flags_or_exit(argv):
@@ -46,11 +60,15 @@ def main(argv):
     settings = settings_from_flags(FLAGS)
     from trainer.job import Job  # imports TensorFlow: only after the flags are good
     Job(settings).run()
-  except (errors.UsageError, errors.StorageError, errors.Preempted) as e:
-    _fail(e.exit_code, str(e))
+  except (errors.UsageError, errors.StorageError, errors.Preempted, errors.PeerLost) as e:
+    _fail(e.exit_code, str(e) if not isinstance(e, errors.PeerLost) else f"PeerLost: {e}")
   except KeyboardInterrupt:
     _fail(errors.EXIT_FAILURE, "interrupted")
   except Exception as e:  # pylint: disable=broad-except
+    lost = _peer_lost(e)
+    if lost is not None:
+      logging.error("%s: %s", type(e).__name__, e)
+      _fail(lost.exit_code, f"PeerLost: {lost}")
     logging.exception("mnist-distill failed")
     _fail(errors.EXIT_FAILURE, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 

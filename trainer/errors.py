@@ -8,6 +8,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure: worth a retry
 EXIT_USAGE = 2  # bad flags, data or model_dir: a retry cannot help
 EXIT_STORAGE = 3  # bucket stayed unreachable after retries mid-run: retry when it is back
+EXIT_PEER_LOST = 4  # multi-worker: a peer worker is gone or stuck; restart the whole group
 EXIT_PREEMPTED = 143  # SIGTERM received; a checkpoint was written; retry resumes
 
 
@@ -21,6 +22,19 @@ class StorageError(Exception):
   """The bucket could not be reached even after retries: exits with EXIT_STORAGE."""
 
   exit_code = EXIT_STORAGE
+
+
+class ProgressMismatch(UsageError):
+  """Multi-worker: the workers restored different progress of one model (they do not share the
+  chief's checkpoints). Exits with EXIT_USAGE: restarting the same group cannot fix it."""
+
+
+class PeerLost(Exception):
+  """Multi-worker: a collective failed or stalled because a peer worker died, froze or diverged.
+  Exits with EXIT_PEER_LOST so a failure policy restarts every worker together (they resume from
+  the chief's last checkpoint) without counting it as a bug."""
+
+  exit_code = EXIT_PEER_LOST
 
 
 class Preempted(Exception):

@@ -159,11 +159,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "Decoupled weight decay (AdamW-style, times the learning rate) of the teacher's kernels; "
       "0: none.", lower_bound=0.0, flag_values=fv)
   flags.DEFINE_integer(
-      "grace_period_seconds", 25,
-      "Seconds between SIGTERM and the kubelet's SIGKILL (the pod's terminationGracePeriodSeconds;"
-      " about 25 on Spot VMs): the SIGTERM checkpoint and its upload must end within it, else the"
-      " job says what the bucket lacks and exits 143 before it.", lower_bound=3, upper_bound=3600,
-      flag_values=fv)
+      "grace_period_seconds", 15,
+      "Seconds from SIGTERM to SIGKILL: the smaller of the pod's terminationGracePeriodSeconds "
+      "and, on Spot VMs, GKE's node-shutdown grace for pods (15 by default). The SIGTERM "
+      "checkpoint and upload must end within it, else the job says what the bucket lacks and "
+      "exits 143 before the kill.", lower_bound=3, upper_bound=3600, flag_values=fv)
   flags.DEFINE_bool("deterministic", False,
                     "Bit-reproducible training on CPU (op determinism; resume gives the same "
                     "weights as an uninterrupted run).", flag_values=fv)

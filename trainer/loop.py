@@ -7,6 +7,7 @@ this loop only feeds them through `strategy.run`, several steps per `tf.function
 """
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -16,7 +17,8 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from trainer.errors import Preempted
+from trainer import distribution, watchdog
+from trainer.errors import Preempted, ProgressMismatch
 
 STEPS_PER_CALL = 50  # steps per tf.function call: amortizes Python overhead, bounds SIGTERM delay
 
@@ -87,6 +89,11 @@ class TrainingLoop:
 
   Callbacks: `on_checkpoint()` after every checkpoint (to upload it), `on_epoch(record)` after
   every epoch with its metrics, `should_stop()` polled between step chunks (SIGTERM).
+
+  Multi-worker: every worker restores the chief's checkpoint (restore(source_dir)) and run()
+  checks that they all did before the first step; a SIGTERM on any worker stops all of them at
+  the same step; a collective that fails because a peer is gone raises PeerLost, one that
+  stalls ends the process (trainer/watchdog.py).
   """
 
   def __init__(self, model, net, strategy, train_pipeline, validation_pipeline, checkpoint_dir,
@@ -107,7 +114,11 @@ class TrainingLoop:
                                      step_in_epoch=self.step_in_epoch,
                                      train_seconds=self.train_seconds)
     self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
-    self.evaluate = Evaluator(model, strategy, config.jit_compile)
+    self._net, self._workers = net, distribution.num_workers(strategy)
+    self._restored = (checkpoint_dir, None)  # (folder, checkpoint found) of restore()
+    evaluator = Evaluator(model, strategy, config.jit_compile)
+    self.evaluate = lambda pipeline: self._collective("evaluation", evaluator, pipeline)
+    self._gather = distribution.row_gatherer(strategy) if self._workers > 1 else None
     step = (tf.function(model.train_step, jit_compile=True) if config.jit_compile
             else model.train_step)
 
@@ -119,14 +130,72 @@ class TrainingLoop:
     self._run_steps = run_steps
     self._profiling = False
 
-  def restore(self) -> bool:
-    """Restores the latest checkpoint, if any; True when progress was found."""
-    latest = self.manager.latest_checkpoint
+  def restore(self, source_dir: Optional[str] = None) -> bool:
+    """Restores the latest checkpoint in source_dir (default: where this loop saves); True
+    when progress was found. Non-chief workers save into a scratch folder but restore from the
+    chief's, so that every worker resumes from the same step."""
+    latest = (tf.train.latest_checkpoint(source_dir) if source_dir
+              else self.manager.latest_checkpoint)
+    self._restored = (source_dir or self.manager.directory, latest)
     if latest:
       self.manager.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info("Resumed from %s (epoch %d, step %d)", latest, int(self.epoch),
                    int(self.step_in_epoch))
     return bool(latest)
+
+  # ---- multi-worker: same progress everywhere, bounded collectives ----
+  def _collective(self, what, fn, *args):
+    """Runs fn (which issues collectives); in multi-worker runs a peer's loss raises PeerLost
+    and a stall past the watchdog's timeout ends the process."""
+    if self._workers <= 1:
+      return fn(*args)
+    with watchdog.collectives().guard(what):
+      try:
+        return fn(*args)
+      except tf.errors.OpError as e:
+        lost = distribution.peer_lost(e, self._workers)
+        if lost is None:
+          raise
+        raise lost from e
+
+  def _progress(self) -> list:
+    """What must be equal on every worker before the first step: counters and a weights digest
+    (48 bits: exact in float64)."""
+    digest = hashlib.sha256()
+    for variable in list(self._net.weights) + list(self.model.optimizer.variables):
+      digest.update(np.asarray(variable.numpy()).tobytes())
+    return [float(int(self.epoch)), float(int(self.step_in_epoch)), float(self._iterations()),
+            float(int.from_bytes(digest.digest()[:6], "big"))]
+
+  def check_same_progress(self) -> None:
+    """Raises ProgressMismatch unless every worker restored the same state (one collective)."""
+    if self._gather is None:
+      return
+    index = distribution.task_index(self.strategy)
+    rows = self._collective("the progress check", self._gather, [index, *self._progress()])
+    by_worker = {int(row[0]): tuple(row[1:]) for row in rows}
+    if len(set(by_worker.values())) <= 1:
+      logging.info("All %d workers start from epoch %d, step %d", len(by_worker),
+                   int(self.epoch), int(self.step_in_epoch))
+      return
+    folder, found = self._restored
+    described = "; ".join(
+        f"worker {w}: epoch {int(p[0])}, step {int(p[1])} (global step {int(p[2])}, weights "
+        f"{int(p[3]):012x})" for w, p in sorted(by_worker.items()))
+    raise ProgressMismatch(
+        f"the workers restored different progress ({described}); this worker found "
+        f"{os.path.basename(found) if found else 'no checkpoint'} in {folder}. Every worker "
+        "must see the chief's checkpoints: give all workers the same --model_dir (gs:// or one "
+        "shared folder)")
+
+  def _stop_agreed(self) -> bool:
+    """should_stop(), agreed by all workers: one SIGTERM stops every worker at this step (a
+    worker that went on alone would wait for the others in its next collective)."""
+    stop = bool(self.should_stop())
+    if self._gather is None:
+      return stop
+    rows = self._collective("the stop check", self._gather, [1.0 if stop else 0.0])
+    return bool(rows[:, 0].max() > 0)
 
   def _iterations(self) -> int:
     return int(self.model.optimizer.iterations.numpy())
@@ -152,7 +221,9 @@ class TrainingLoop:
 
   def _save(self):
     self._check_finite("weights")
-    self.manager.save(checkpoint_number=self._iterations())
+    path = self.manager.save(checkpoint_number=self._iterations())
+    watchdog.note_checkpoint(os.path.dirname(path), os.path.basename(path), int(self.epoch),
+                             int(self.step_in_epoch))
     self.on_checkpoint()
 
   def _steps_until_pause(self, step, steps_per_epoch):
@@ -199,13 +270,14 @@ class TrainingLoop:
     while step < steps_per_epoch:
       count = self._steps_until_pause(step, steps_per_epoch)
       self._profile_before_chunk()
-      self._run_steps(iterator, tf.constant(count, tf.int64))
+      self._collective("training steps", self._run_steps, iterator,
+                       tf.constant(count, tf.int64))
       self._profile_after_chunk()
       step += count
       self.step_in_epoch.assign(step)
       self._check_finite("loss")
       every = self.config.checkpoint_every_steps
-      stop = self.should_stop()
+      stop = self._stop_agreed()
       if stop or (every and self._iterations() % every == 0
                   and step < steps_per_epoch):
         self.train_seconds.assign_add(time.perf_counter() - started)
@@ -222,6 +294,7 @@ class TrainingLoop:
   def run(self) -> list:
     """Trains the remaining epochs; returns one record per epoch trained in this call."""
     history = []
+    self.check_same_progress()
     try:
       self._train_epochs(history)
     finally:

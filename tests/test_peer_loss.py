@@ -1,0 +1,104 @@
+"""A multi-worker run that loses a peer ends in bounded time with exit 4 (EXIT_PEER_LOST).
+
+The end-to-end test kills the chief, whose process also hosts TensorFlow's coordination
+service; the chief's side is covered by tests/test_multi_worker.py's resume test. The watchdog
+and the grace deadline are checked in-process with a stand-in for os._exit.
+"""
+
+import signal
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+
+from test_multi_worker import TINY_TEACHER, read_checkpoint_step, start_workers
+from trainer import distribution, watchdog
+from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, PeerLost, UsageError
+
+
+def test_worker_whose_chief_is_killed_exits_4_within_a_bounded_time(tmp_path):
+  procs, logs = start_workers(tmp_path, [f"--model_dir={tmp_path / 'run'}", *TINY_TEACHER])
+  try:
+    checkpoints = tmp_path / "run" / "teacher" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while read_checkpoint_step(checkpoints) < 1:  # training is under way: collectives run
+      assert procs[1].poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+      time.sleep(0.05)
+    procs[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    code = procs[1].wait(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+  out = logs[1].read_text()
+  assert code == EXIT_PEER_LOST, out[-3000:]
+  assert waited < 60, waited  # TensorFlow's heartbeats notice within ~10 s; exit skips teardown
+  assert "mnist-distill: error: PeerLost: a peer worker was lost" in out
+
+
+def test_peer_errors_map_to_peer_lost_only_in_multi_worker_runs():
+  unavailable = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: "
+                                           "recvmsg:Connection reset by peer\nmore")
+  lost = distribution.peer_lost(unavailable, workers=2)
+  assert isinstance(lost, PeerLost) and "Connection reset by peer" in str(lost)
+  assert distribution.peer_lost(unavailable, workers=1) is None  # one process: a real failure
+  heartbeat = tf.errors.InternalError(None, None, "The following tasks are unhealthy (stopped "
+                                      "sending heartbeats):\n/job:worker/task:1")
+  assert isinstance(distribution.peer_lost(heartbeat, workers=2), PeerLost)
+  assert distribution.peer_lost(tf.errors.InvalidArgumentError(None, None, "bad shape"),
+                                workers=2) is None
+  assert distribution.peer_lost(ValueError("x"), workers=2) is None
+
+
+class _Exits:
+  def __init__(self):
+    self.calls, self.done = [], threading.Event()
+
+  def __call__(self, code, message):
+    self.calls.append((code, message))
+    self.done.set()
+
+
+def test_watchdog_ends_a_stalled_collective_with_exit_4_and_spares_a_quick_one():
+  exits = _Exits()
+  dog = watchdog.CollectiveWatchdog(timeout=0.3, exit_fn=exits, poll=0.02)
+  with dog.guard("quick steps"):
+    time.sleep(0.05)
+  time.sleep(0.5)  # disarmed: idle time between calls never counts
+  assert exits.calls == []
+  with dog.guard("training steps"):
+    assert exits.done.wait(5)
+  code, message = exits.calls[0]
+  assert code == EXIT_PEER_LOST and message.startswith("PeerLost: training steps made no progress")
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "nan", "inf", "soon"])
+def test_watchdog_timeout_from_the_environment_is_range_checked(raw):
+  with pytest.raises(UsageError, match=watchdog.TIMEOUT_ENV):
+    watchdog.collective_timeout({watchdog.TIMEOUT_ENV: raw})
+  assert watchdog.collective_timeout({}) == watchdog.DEFAULT_TIMEOUT_SECONDS
+  assert watchdog.collective_timeout({watchdog.TIMEOUT_ENV: "42.5"}) == 42.5
+
+
+def test_grace_deadline_exits_143_before_the_kill_and_names_what_the_bucket_lacks():
+  watchdog.note_checkpoint("/run/teacher/checkpoints", "ckpt-140", 1, 62)
+  exits = _Exits()
+  deadline = watchdog.GraceDeadline(watchdog.GRACE_MARGIN_SECONDS + 0.3, exit_fn=exits)
+  started = time.monotonic()
+  deadline.start()
+  deadline.start()  # a second SIGTERM does not restart the clock
+  assert exits.done.wait(5)
+  assert time.monotonic() - started < watchdog.GRACE_MARGIN_SECONDS + 0.3
+  code, message = exits.calls[0]
+  assert code == EXIT_PREEMPTED
+  assert "/run/teacher/checkpoints/ckpt-140 (epoch 1, step 62)" in message
+
+  in_time = _Exits()
+  finished = watchdog.GraceDeadline(watchdog.GRACE_MARGIN_SECONDS + 0.2, exit_fn=in_time,
+                                    pending=lambda: ["teacher/checkpoints"])
+  finished.start()
+  finished.finished.set()  # the upload made it: the process exits on its own
+  time.sleep(0.5)
+  assert in_time.calls == []
