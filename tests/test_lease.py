@@ -9,10 +9,11 @@ import threading
 import time
 
 import pytest
-from gcs_emulator import GcsEmulator
-from helpers import REPO, cli_env
 
 from trainer import lease, storage
+
+from gcs_emulator import GcsEmulator
+from helpers import REPO, cli_env
 
 # A process that takes the teacher's lease and holds it for HOLD seconds (or until killed).
 CHILD = """

@@ -8,11 +8,12 @@ import threading
 import time
 
 import pytest
-from gcs_emulator import free_port
-from storage_helpers import exists_remote, read_remote
 
 from trainer import storage
 from trainer.errors import StorageError, UsageError
+
+from gcs_emulator import free_port
+from storage_helpers import exists_remote, read_remote
 
 
 @pytest.fixture(autouse=True)
