@@ -235,3 +235,34 @@ def test_smoke_run_has_selection_and_exports(smoke_run):
   markdown = _read(root, "results.md")
   assert "## Which student to ship" in markdown and "## Deployment" in markdown
   assert f"**{choice['chosen']}** (chosen)" in markdown
+
+
+def test_finish_outputs_writes_what_the_merge_reads(tmp_path):
+  """What a finishing model (or --mode=report on an older run) writes from the network alone."""
+  from helpers import MNIST_DIR
+  from trainer import data, export, litert_export, models
+  splits = data.load_splits("mnist", idx_dir=MNIST_DIR, validation_examples=200,
+                            max_train_examples=300, max_test_examples=100)
+  root = str(tmp_path / "run")
+  net = models.build_student()  # untrained: the files, not the accuracy, are under test
+  folder = os.path.join(root, "solo")
+  export.export_saved_model(net, os.path.join(folder, "export"))
+  measure = litert_export.MeasureConfig(latency_runs=10, warmup_runs=2, serving_runs=5,
+                                        batch_runs=2, representative_examples=20)
+  exports = results.finish_outputs(folder, net, splits, 90, os.path.join(root, "logs"), 3,
+                                   measure)
+  assert "error" not in exports["litert_int8"] and exports["litert_int8"]["test_examples"] == 100
+  with np.load(os.path.join(folder, "validation_predictions.npz")) as saved:
+    assert saved["correct"].shape == saved["cross_entropy"].shape == (200,)
+    assert np.all(saved["cross_entropy"] > 0)
+  assert _scalars(os.path.join(root, "logs", "solo", "deployment"))["test_accuracy_upper"][0] == 3
+  comparison.save_predictions(folder, splits.test_images, splits.test_labels,
+                              np.zeros(100, np.int64))
+  layout.write_json(os.path.join(folder, "result.json"), {
+      "name": "solo", "role": "student", "params": net.count_params(), "test_accuracy": 0.1,
+      "test_errors": 90, "test_loss": 2.3, "test_examples": 100, "train_seconds": 1.0,
+      "train_examples_per_second": 1.0, "alpha": 0.0})
+  assert results.missing_files(root, results.finished_models(root)) == {}
+  summary = results.merge(root, RUN_INFO)
+  assert summary["selection"]["chosen"] == "solo"
+  assert summary["models"][0]["exports"] == exports

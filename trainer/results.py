@@ -13,7 +13,8 @@ retraining anything. From them it computes, for results.json and results.md:
 import logging
 import os
 
-from trainer import comparison, layout, litert_export, selection
+from trainer import (comparison, evaluation, hparams_logging, layout, litert_export,
+                     selection)
 
 # What the merge reads in <model_dir>/<model>/ besides result.json (a bucket merge pulls these).
 MODEL_FILES = (comparison.PREDICTIONS_FILE, comparison.VALIDATION_PREDICTIONS_FILE,
@@ -108,6 +109,25 @@ def missing_files(model_dir: str, models: list) -> dict:
     if lacking:
       found[m["name"]] = lacking
   return found
+
+
+def finish_outputs(folder: str, net, splits, test_errors: int, log_root: str, step: int,
+                   measure=litert_export.MeasureConfig(), slices: int = 1) -> dict:
+  """The per-model files the merge needs beyond the test predictions, from a finished network
+  (no training): validation_predictions.npz, the LiteRT exports with exports.json (the
+  SavedModel must be in <folder>/export already), and logs/<model>/deployment (test_errors:
+  the network's errors on splits' test images, for the interval). A finishing model calls it
+  before writing its result marker; --mode=report calls it for older models that lack these
+  files (missing_files). Returns the exports."""
+  name = os.path.basename(os.path.normpath(folder))
+  logits = evaluation.predict_logits(net, splits.validation_images, slices=slices)
+  comparison.save_validation_predictions(folder, splits.validation_images,
+                                         splits.validation_labels, logits)
+  exports = litert_export.export_and_measure(net, folder, splits.train_images,
+                                             splits.test_images, splits.test_labels, measure)
+  interval = selection.accuracy_interval(test_errors, len(splits.test_labels))
+  hparams_logging.write_deployment(log_root, name, step, interval, exports)
+  return exports
 
 
 # ---- results.md ----
