@@ -15,6 +15,7 @@ Set MNIST_DISTILL_IMAGE_NO_CACHE=1 to build without buildah's layer cache.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -39,8 +40,10 @@ SMOKE_ARGS = [
 ]
 MODELS = {"teacher", "labels_only", "teacher_only", "distilled"}
 SCRIPTS = ["scripts/build_image.sh", "scripts/push_image.sh", "scripts/container_tool.sh",
-           "scripts/submit.sh",
-           "scripts/watch.sh", "docker/fill_wheelhouse.sh", "docker/make_debootstrap_base.sh"]
+           "scripts/submit.sh", "scripts/watch.sh", "scripts/tensorboard.sh",
+           "docker/fill_wheelhouse.sh", "docker/make_debootstrap_base.sh"]
+# GKE and Vertex AI mount the node's NVIDIA driver here.
+NVIDIA_LIB, NVIDIA_BIN = "/usr/local/nvidia/lib64", "/usr/local/nvidia/bin"
 
 
 def _tool(name):
@@ -76,6 +79,54 @@ def test_dockerfile_passes_hadolint():
 def test_shell_scripts_parse(script):
   proc = _run(["bash", "-n", str(REPO / script)])
   assert proc.returncode == 0, proc.stderr
+
+
+def _dockerfile_env():
+  """The runtime stage's ENV settings, read from docker/Dockerfile."""
+  text = (REPO / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+  runtime = text.split(" AS runtime", 1)[1]
+  env = {}
+  for line in runtime.splitlines():
+    if line.startswith("ENV "):
+      env.update(kv.split("=", 1) for kv in line[4:].split())
+  return env
+
+
+def test_dockerfile_pins_its_base_by_digest_and_finds_the_nvidia_driver():
+  text = (REPO / "docker" / "Dockerfile").read_text()
+  base = next(l.split("=", 1)[1] for l in text.splitlines() if l.startswith("ARG BASE_IMAGE="))
+  assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base), base
+  env = _dockerfile_env()
+  assert NVIDIA_LIB in env["LD_LIBRARY_PATH"].split(":")
+  assert NVIDIA_BIN in env["PATH"].split(":")
+
+
+def _commit_epoch():
+  return int(_run(["git", "-C", str(REPO), "log", "-1", "--format=%ct"]).stdout)
+
+
+def test_build_script_targets_amd64_with_the_commits_timestamps(tmp_path):
+  """scripts/build_image.sh hands the builder linux/amd64 and no build-time timestamp."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  record = tmp_path / "args.json"
+  (bindir / "buildah").write_text(
+      f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+  (bindir / "buildah").chmod(0o755)
+  env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+  env.pop("SOURCE_DATE_EPOCH", None)
+  proc = _run(["bash", str(REPO / "scripts" / "build_image.sh"), "--tool", "buildah",
+               "--tag", "localhost/x:y"], env=env, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  args = json.loads(record.read_text())
+  assert args[0] == "bud"
+  assert args[args.index("--platform") + 1] == "linux/amd64"
+  epoch = _commit_epoch()
+  assert args[args.index("--timestamp") + 1] == str(epoch)
+  build_args = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--build-arg")
+  assert build_args["SOURCE_DATE_EPOCH"] == str(epoch)
+  assert build_args["CREATED"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+  assert "@sha256:" in build_args["BASE_IMAGE"]
 
 
 def _need_build_tools():
@@ -154,6 +205,10 @@ def test_image_runs_the_cli_as_non_root(image_config):
   assert labels["io.github.mnist-distill.variant"] == "cpu"
   for key in ("version", "revision", "created", "source", "base.name"):
     assert labels.get(f"org.opencontainers.image.{key}"), key
+  # No build-time timestamp: the label carries the commit's time.
+  assert labels["org.opencontainers.image.created"] == time.strftime(
+      "%Y-%m-%dT%H:%M:%SZ", time.gmtime(_commit_epoch()))
+  assert NVIDIA_LIB in env["LD_LIBRARY_PATH"].split(":") and NVIDIA_BIN in env["PATH"].split(":")
 
 
 @pytest.fixture()
@@ -285,10 +340,11 @@ def test_gpu_pins_satisfy_tensorflow_and_cuda():
       req = Requirement(line)
       assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", line
       pins[canonicalize_name(req.name)] = (next(iter(req.specifier)).version, req.extras)
-  tensorflow = metadata.distribution("tensorflow")
-  assert pins.pop("tensorflow") == (tensorflow.version, {"and-cuda"})
+  tensorflow = metadata.version("tensorflow")
+  assert tensorflow.startswith("2.21."), tensorflow
+  assert pins.pop("tensorflow") == (tensorflow, {"and-cuda"})
   wanted = {}
-  for raw in tensorflow.requires:
+  for raw in metadata.requires("tensorflow"):
     req = Requirement(raw)
     if req.marker and req.marker.evaluate({"extra": "and-cuda"}) and not req.marker.evaluate(
         {"extra": ""}):
