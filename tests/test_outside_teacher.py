@@ -76,6 +76,22 @@ def test_each_format_loads_to_the_original_predictions(mnist, trained, fmt, kind
   assert teacher.record()["trained_here"] is False and paths[fmt] in teacher.description
 
 
+def test_formats_load_under_a_mixed_precision_policy(mnist, trained):
+  """The job sets the policy before it loads the teacher; the teacher keeps its float32."""
+  _, _, test_images, _ = mnist
+  net, paths = trained
+  x = _floats(test_images[:64])
+  expected = net(x, training=False).numpy()
+  keras.mixed_precision.set_dtype_policy("mixed_float16")
+  try:
+    for fmt in ("keras", "h5", "export", "tf_saved_model"):
+      got = load_teacher(paths[fmt]).model(x)
+      assert got.dtype == tf.float32, fmt
+      np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=fmt)
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
 def test_outside_teacher_distills_like_its_cached_logits(mnist, trained):
   """As the Distiller's teacher it is frozen, and gives the loss its cached logits give."""
   images, labels, _, _ = mnist
@@ -133,6 +149,15 @@ def test_unchannelled_input_and_0_255_scale(tmp_path):
                              rtol=1e-5, atol=1e-4)
   with pytest.raises(UsageError, match="input range"):
     load_teacher(path, input_range="0-65535")
+
+
+def test_loading_inside_a_strategy_scope_is_refused(trained):
+  """Restored there, a SavedModel's variables become distributed ones its functions cannot
+  read on the probe batch; the job loads the teacher first."""
+  _, paths = trained
+  with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+    with pytest.raises(RuntimeError, match="outside strategy.scope"):
+      load_teacher(paths["export"])
 
 
 @keras.saving.register_keras_serializable(package="test_outside_teacher")

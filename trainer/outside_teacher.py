@@ -128,7 +128,11 @@ def _load_savedmodel(path: str):
     if len(specs) != 1:
       raise _Rejected(f"endpoint {endpoint!r} takes {len(specs)} inputs, expected one batch")
     declared = specs[0]
-  return keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False), declared
+  # The layer's dtype is the signature's: under a mixed precision policy Keras would otherwise
+  # cast the images to float16, which a float32 signature refuses.
+  dtype = declared.dtype.name if declared is not None and declared.dtype.is_floating else "float32"
+  layer = keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False, dtype=dtype)
+  return layer, declared
 
 
 def _load_keras(path: str):
@@ -209,7 +213,13 @@ def _checked_adapter(net, channel_axis, scale: float, probe: np.ndarray):
 
 def load_teacher(path: str, input_range: str = "0-1", probe_images=None) -> OutsideTeacher:
   """Loads and checks an outside teacher; raises UsageError with one line naming the failed
-  check. `probe_images` (uint8 [N,28,28], e.g. a few test images) feed the checks."""
+  check. `probe_images` (uint8 [N,28,28], e.g. a few test images) feed the checks.
+
+  Call it outside any `strategy.scope()`: a SavedModel restored there gets distributed variables
+  that its restored functions cannot read outside a replica context. Loaded outside, the teacher
+  runs inside the replicas' steps as it is (it is never updated)."""
+  if tf.distribute.has_strategy():
+    raise RuntimeError("load_teacher must run outside strategy.scope()")
   if input_range not in INPUT_RANGES:
     raise UsageError(f"teacher input range {input_range!r} is not one of {sorted(INPUT_RANGES)}")
   probe = default_probe_images() if probe_images is None else np.asarray(probe_images)
