@@ -13,7 +13,8 @@
 #   --run NAME         run name (default: default). Submitting the same run again resumes it: the
 #                      trainer reuses finished models and continues from checkpoints.
 #   --model-dir DIR    the run folder itself (gs://... or, for cpu-smoke, a path on its volume).
-#   --gsa EMAIL        Google service account for Workload Identity (annotates the KSA).
+#   --gsa EMAIL        act as this Google service account (annotates the Kubernetes one); without
+#                      it IAM grants the bucket to the Kubernetes service account directly.
 #   --namespace NS     default: mnist-distill.
 #   --replace          delete a run that is still active first and wait until its pods are gone
 #                      (foreground deletion), then apply. A finished run is replaced without it.
@@ -50,7 +51,7 @@ while [ $# -gt 0 ]; do
     --replace) replace=true; shift ;;
     --watch) watch=true; shift ;;
     --dry-run) dry_run=true; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) usage "unknown argument $1" ;;
   esac
 done
@@ -109,13 +110,13 @@ mkdir "$gen"
   echo "      - MODEL_DIR=$model_dir"
   if [ -n "$gsa" ]; then
     echo "patches:"
-    echo "  - target:"
+    echo "  - patch: |-"
+    echo "      apiVersion: v1"
     echo "      kind: ServiceAccount"
-    echo "      name: mnist-distill"
-    echo "    patch: |-"
-    echo "      - op: replace"
-    echo "        path: /metadata/annotations/iam.gke.io~1gcp-service-account"
-    echo "        value: $gsa"
+    echo "      metadata:"
+    echo "        name: mnist-distill"
+    echo "        annotations:"
+    echo "          iam.gke.io/gcp-service-account: $gsa"
   fi
 } > "$gen/kustomization.yaml"
 rendered=$work/rendered.yaml
