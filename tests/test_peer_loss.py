@@ -5,6 +5,7 @@ service; the chief's side is covered by tests/test_multi_worker.py's resume test
 and the grace deadline are checked in-process with a stand-in for os._exit.
 """
 
+import re
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 import tensorflow as tf
 
+from helpers import error_lines
 from test_multi_worker import TINY_TEACHER, read_checkpoint_step, start_workers
 from trainer import distribution, watchdog
 from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, PeerLost, UsageError
@@ -36,6 +38,28 @@ def test_worker_whose_chief_is_killed_exits_4_within_a_bounded_time(tmp_path):
   assert code == EXIT_PEER_LOST, out[-3000:]
   assert waited < 60, waited  # TensorFlow's heartbeats notice within ~10 s; exit skips teardown
   assert "mnist-distill: error: PeerLost: a peer worker was lost" in out
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_checkpoint(tmp_path):
+  procs, logs = start_workers(tmp_path, [f"--model_dir={tmp_path / 'run'}", *TINY_TEACHER])
+  checkpoints = tmp_path / "run" / "teacher" / "checkpoints"
+  try:
+    deadline = time.monotonic() + 300
+    while read_checkpoint_step(checkpoints) < 1:
+      assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # the non-chief only: the chief must stop with it
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  outs = [log.read_text() for log in logs]
+  assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], outs[0][-3000:] + outs[1][-3000:]
+  stops = [re.search(r"stopped at epoch (\d+), step (\d+): checkpoint ckpt-(\d+) written",
+                     "\n".join(error_lines(out))) for out in outs]
+  assert all(stops), outs
+  assert stops[0].groups() == stops[1].groups()  # one step for both
+  assert read_checkpoint_step(checkpoints) == int(stops[0][3])  # the chief's copy is that one
 
 
 def test_peer_errors_map_to_peer_lost_only_in_multi_worker_runs():

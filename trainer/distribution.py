@@ -13,6 +13,7 @@ the first step, and by trainer/watchdog.py as a last resort.
 import json
 import logging
 import os
+import signal
 from typing import Optional, Sequence
 
 import numpy as np
@@ -61,8 +62,14 @@ def tf_config_workers(environ=None) -> int:
 def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
   """Builds the strategy named by --strategy (see module docstring for 'auto')."""
   if name == "multi_worker" or (name == "auto" and tf_config_workers() > 1):
-    # Must exist before any other TF op runs, so this comes first.
+    # Must exist before any other TF op runs, so this comes first. Its coordination service
+    # installs a SIGTERM handler of its own (for TensorFlow's preemption notifier) that swallows
+    # the signal: the job's handler would never run, and a SIGTERM'd worker would train on
+    # until SIGKILL. So the handler in place before is put back.
+    previous = signal.getsignal(signal.SIGTERM)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   else:
     split_cpu(num_cpu_devices)
     gpus = tf.config.list_logical_devices("GPU")
