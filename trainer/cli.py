@@ -64,6 +64,8 @@ def main(argv):
     _fail(e.exit_code, str(e) if not isinstance(e, errors.PeerLost) else f"PeerLost: {e}")
   except KeyboardInterrupt:
     _fail(errors.EXIT_FAILURE, "interrupted")
+  except errors.JOB_ERRORS as e:  # the job's own refusals: their message is the one line
+    _fail(e.exit_code, str(e))
   except Exception as e:  # pylint: disable=broad-except
     lost = _peer_lost(e)
     if lost is not None:

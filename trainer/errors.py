@@ -9,6 +9,7 @@ EXIT_FAILURE = 1  # unexpected failure: worth a retry
 EXIT_USAGE = 2  # bad flags, data or model_dir: a retry cannot help
 EXIT_STORAGE = 3  # bucket stayed unreachable after retries mid-run: retry when it is back
 EXIT_PEER_LOST = 4  # multi-worker: a peer worker is gone or stuck; restart the whole group
+EXIT_BUSY = 5  # another process holds the model's lease (trainer/lease.py): retry later
 EXIT_PREEMPTED = 143  # SIGTERM received; a checkpoint was written; retry resumes
 
 
@@ -41,3 +42,20 @@ class Preempted(Exception):
   """Raised after a SIGTERM checkpoint so the process exits with EXIT_PREEMPTED."""
 
   exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteLoss(Exception):
+  """Training produced a non-finite loss or weights: stopped before saving them (exit 1, a
+  bug or a diverging setting, not bad input: the flags were valid)."""
+
+  exit_code = EXIT_FAILURE
+
+
+class ModelBusy(Exception):
+  """Another process holds this model's lease: exits with EXIT_BUSY and one line."""
+
+  exit_code = EXIT_BUSY
+
+
+# Errors the CLI reports as their one-line message and exit code.
+JOB_ERRORS = (NonFiniteLoss, ModelBusy)

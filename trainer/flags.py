@@ -117,6 +117,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "NAME[,NAME...] or all: discard these models' folders in --model_dir (checkpoints, "
       "logs, result) and train them again; other models are never touched. Without it, a "
       "model recorded under other settings stops the job (exit 2).", flag_values=fv)
+  flags.DEFINE_float(
+      "lease_wait_seconds", 120.0,
+      "How long to wait for another process's lease on a model (a restarted pod overlapping "
+      "the old one's SIGTERM checkpoint) before exiting 5.", lower_bound=0.0,
+      upper_bound=86400.0, flag_values=fv)
   # Training.
   flags.DEFINE_integer("teacher_epochs", 10, "Teacher training epochs.", lower_bound=1,
                        flag_values=fv)

@@ -22,8 +22,8 @@ import keras
 import tensorflow as tf
 
 import trainer
-from trainer import (comparison, distribution, layout, models, provenance, rerun, results, runtime,
-                     teacher_cache)
+from trainer import (comparison, distribution, layout, lease, models, provenance, rerun, results,
+                     runtime, teacher_cache)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError
@@ -190,6 +190,19 @@ class Job:
       merged = markers
 
   # ---- the whole invocation ----
+  def _take_leases(self, names):
+    """One writer per model: the chief holds each model's lease until the job ends (workers
+    of a multi-worker group never write the run folder)."""
+    if not self.rt.chief:
+      return
+    for name in names:
+      self.trainer.leases[name] = lease.acquire(self.rt.storage, name,
+                                                wait_seconds=self.settings.lease_wait_seconds)
+
+  def _release_leases(self):
+    for held in self.trainer.leases.values() if self.trainer else ():
+      held.release()
+
   def _close_storage(self, quiet=False) -> bool:
     """Uploads everything queued and stops the upload threads; False if that failed (quiet)."""
     ok = True
@@ -209,6 +222,8 @@ class Job:
       return
     rerun.check(s, self.rt, self.teacher_record(), self.student_record,
                 self._known_teacher_sha256())
+    self._take_leases(rerun.models_trained(s))
+    rerun.discard_retrained(s, self.rt)
     teacher = None
     if s.mode in ("all", "teacher"):
       teacher = self.run_teacher()
@@ -228,10 +243,12 @@ class Job:
       # Upload what is queued (e.g. the SIGTERM checkpoint) before the process exits; the
       # original error stays the one reported.
       uploaded = self._close_storage(quiet=True)
+      self._release_leases()
       if isinstance(e, Preempted) and uploaded and self.rt and self.rt.storage.remote:
         raise Preempted(f"{e}, uploaded to {self.rt.storage.remote}") from None
       raise
     self._close_storage()
+    self._release_leases()
     return summary
 
 

@@ -19,6 +19,7 @@ LOGS = "logs"  # TensorBoard: logs/<model>/{train,validation,test}
 FIGURES = "figures"
 COMPARISON_RUN = "_comparison"  # logs/_comparison: no model name can start with '_'
 LOGITS_CACHE = "teacher_logits"  # teacher_logits/<key digest>/{key.json,train.npy,...}
+LEASES = "_leases"  # _leases/<model>.lease: one writer per model (trainer/lease.py)
 
 # Inside <model_dir>/<model>/.
 RESULT = "result.json"  # the model's result; written last, it marks the model finished

@@ -32,18 +32,14 @@ import uuid
 from typing import Optional, Tuple
 
 from trainer import storage
+from trainer import errors
 from trainer.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-EXIT_BUSY = 5
+EXIT_BUSY = errors.EXIT_BUSY
+ModelBusy = errors.ModelBusy
 DEFAULT_TTL_SECONDS = 60.0
-
-
-class ModelBusy(Exception):
-  """Another process holds this model's lease: exits with EXIT_BUSY and one line."""
-
-  exit_code = EXIT_BUSY
 
 
 class LeaseLost(ModelBusy):

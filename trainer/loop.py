@@ -18,17 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import distribution, watchdog
-from trainer.errors import Preempted, ProgressMismatch
+from trainer.errors import NonFiniteLoss, Preempted, ProgressMismatch
 
 STEPS_PER_CALL = 50  # steps per tf.function call: amortizes Python overhead, bounds SIGTERM delay
-
-
-class NonFiniteLoss(Exception):
-  """Training went non-finite (loss or weights). Raised before anything non-finite is saved,
-  so the latest checkpoint stays the last finite one. Exits with EXIT_FAILURE; the caller
-  prefixes the model's name."""
-
-  exit_code = 1
 
 
 @dataclasses.dataclass(frozen=True)

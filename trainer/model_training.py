@@ -17,7 +17,7 @@ from trainer import (comparison, evaluation, export, hparams_logging, layout, pr
                      summaries)
 from trainer.errors import Preempted
 from trainer.flags import Settings
-from trainer.loop import LoopConfig, TrainingLoop
+from trainer.loop import LoopConfig, NonFiniteLoss, TrainingLoop
 from trainer.optimizers import FusedAdam
 from trainer.pipeline import ArrayPipeline
 from trainer.runtime import TEACHER, Runtime
@@ -40,6 +40,7 @@ class ModelTrainer:
     self.rt = rt
     self.settings = settings
     self.should_stop = should_stop
+    self.leases = {}  # name -> trainer.lease.Lease, held by the chief while the job runs
 
   # ---- inputs ----
   def pipeline(self, images, labels, extras=None) -> ArrayPipeline:
@@ -64,6 +65,11 @@ class ModelTrainer:
   def check_stop(self, name: str) -> None:
     if self.should_stop():
       raise Preempted(f"stopped before training {name}: nothing left to checkpoint")
+
+  def _ensure_lease(self, name: str) -> None:
+    held = self.leases.get(name)
+    if held is not None:
+      held.ensure_held()
 
   # ---- the bucket ----
   def sync_logs(self, name: str) -> None:
@@ -104,6 +110,7 @@ class ModelTrainer:
     logs.write_graph(net)
 
     def on_checkpoint():
+      self._ensure_lease(name)  # another writer took over: stop before mixing checkpoints
       rt.storage.raise_if_failed()  # the bucket is gone for good: stop, don't train unsaved
       if rt.chief:
         rt.storage.sync(layout.checkpoints_rel(name), last=("checkpoint",))
@@ -129,8 +136,8 @@ class ModelTrainer:
     loop.restore(resume_from)
     try:
       loop.run()
-    except Preempted as e:
-      raise Preempted(f"{name}: {e}") from None
+    except (Preempted, NonFiniteLoss) as e:
+      raise type(e)(f"{name}: {e}") from None
     finally:
       if not rt.chief:
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -165,6 +172,7 @@ class ModelTrainer:
                            splits.test_labels, predictions)
       export.export_saved_model(net, os.path.join(folder, layout.EXPORT))
       export.save_keras(net, os.path.join(folder, layout.MODEL_FILE))
+      self._ensure_lease(name)
       layout.write_json(os.path.join(folder, layout.RESULT), result)
       self.sync_logs(name)
       rt.storage.sync(name, last=(layout.RESULT,))

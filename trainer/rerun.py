@@ -58,8 +58,8 @@ def check(s: Settings, rt: Runtime, teacher_record: dict,
 
   `student_record(spec, teacher_sha256)` gives a student's expected record; `teacher_sha256` is
   the weights digest of the teacher the students learn from when it is already known (finished
-  or given), None when this invocation trains it. Discards the --retrain models only once every
-  check has passed, so a refused run changes nothing."""
+  or given), None when this invocation trains it. Changes nothing: a refused run leaves the
+  folder as it was (discard_retrained() runs once every check has passed)."""
   if s.mode in ("all", "teacher") and TEACHER not in s.retrain:
     _compare(TEACHER, rt, teacher_record)
   if s.mode in ("all", "students"):
@@ -75,8 +75,16 @@ def check(s: Settings, rt: Runtime, teacher_record: dict,
               "again")
       else:
         _compare(spec.name, rt, student_record(spec, teacher_sha256))
-  running = ({TEACHER} if s.mode in ("all", "teacher") else set()) | (
-      {spec.name for spec in s.students} if s.mode in ("all", "students") else set())
-  for name in s.retrain:
-    if name in running:
+
+
+def models_trained(s: Settings) -> list:
+  """The models this invocation trains (or reuses), in training order."""
+  return ([TEACHER] if s.mode in ("all", "teacher") else []) + (
+      [spec.name for spec in s.students] if s.mode in ("all", "students") else [])
+
+
+def discard_retrained(s: Settings, rt: Runtime) -> None:
+  """Discards the --retrain models that this invocation trains."""
+  for name in models_trained(s):
+    if name in s.retrain:
       discard(rt, name)

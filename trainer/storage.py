@@ -63,6 +63,7 @@ import time
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from trainer import layout
 from trainer.errors import StorageError, UsageError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ CHECK_SECONDS = 15.0
 _MTIME_KEY = "mnist-distill-mtime-ns"
 _PART_SUFFIX = ".mnist-distill-part"
 _TMP_MARK = ".tmp-"  # trainer.layout's temporary names (and older `name.tmp-<pid>` ones)
-LEASES = "_leases"  # <run>/_leases/<model>.lease (trainer/lease.py); no model name starts '_'
+LEASES = layout.LEASES
 _WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete",
                       "storage.objects.get", "storage.objects.list")
 
