@@ -7,13 +7,15 @@ and the grace deadline are checked in-process with a stand-in for os._exit.
 
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import tensorflow as tf
 
-from helpers import error_lines
+from helpers import REPO, cli_env, error_lines
 from test_multi_worker import TINY_TEACHER, read_checkpoint_step, start_workers
 from trainer import distribution, watchdog
 from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, PeerLost, UsageError
@@ -126,3 +128,33 @@ def test_grace_deadline_exits_143_before_the_kill_and_names_what_the_bucket_lack
   finished.finished.set()  # the upload made it: the process exits on its own
   time.sleep(0.5)
   assert in_time.calls == []
+
+
+_STUCK_UPLOAD = """
+import signal, time
+from trainer import watchdog
+deadline = watchdog.GraceDeadline(3, pending=lambda: ["teacher/checkpoints/ckpt-140"])
+# The job's handler stands in for a main thread stuck in TensorFlow: it never returns.
+signal.signal(signal.SIGTERM, lambda *_: time.sleep(60))
+deadline.install()
+print("ready", flush=True)
+time.sleep(60)  # an upload that will not finish in time
+"""
+
+
+def test_a_process_past_its_grace_period_exits_143_before_the_kill_and_says_what_is_lost():
+  proc = subprocess.Popen([sys.executable, "-c", _STUCK_UPLOAD], cwd=REPO, env=cli_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = proc.wait(timeout=30)
+    took = time.monotonic() - sent
+  finally:
+    proc.kill()
+  assert code == EXIT_PREEMPTED
+  assert 3 - watchdog.GRACE_MARGIN_SECONDS - 0.2 < took < 3  # before a SIGKILL at 3 s
+  lines = error_lines(proc.stderr.read())
+  assert len(lines) == 1 and "may be missing from the bucket: teacher/checkpoints/ckpt-140" \
+      in lines[0], lines

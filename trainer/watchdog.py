@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -139,8 +140,28 @@ class GraceDeadline:
     self._started = None
     self.finished = threading.Event()  # set by the main thread when it exits in time
 
+  def install(self, signum: int = signal.SIGTERM) -> None:
+    """Starts the clock the moment `signum` arrives, from a thread of its own.
+
+    Python runs signal handlers only between bytecodes of the main thread, so a main thread
+    blocked in TensorFlow (a collective that never completes) never runs the job's handler;
+    the interpreter's C-level handler still writes the signal number to the wakeup fd at once.
+    Call from the main thread, after the job's own handler for `signum` is installed (without
+    a Python handler nothing is written)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+      while True:
+        if signum in os.read(read_fd, 64):
+          self.start()
+          return
+
+    threading.Thread(target=watch, name="grace-signal", daemon=True).start()
+
   def start(self) -> None:
-    """Called from the SIGTERM handler; later calls do nothing (the first signal counts)."""
+    """Starts the clock (install() calls it); later calls do nothing: the first signal counts."""
     if self._started is not None:
       return
     self._started = time.monotonic()
