@@ -155,7 +155,7 @@ def _tie_break(candidates: list, latency_margin: float):
                  f"latency")
     left = quick
   else:
-    notes.append("latency unknown for some, so not compared")
+    notes.append("latency not known for all of them, so not compared")
   chosen = min(left, key=lambda m: m["name"])
   return chosen, TIE_BREAKS[2], "; ".join(notes) + f"; by name, {chosen['name']}"
 
