@@ -128,7 +128,9 @@ if [ "$dry_run" = true ]; then
 fi
 
 kinds=job
-if "$kubectl" get crd jobsets.jobset.x-k8s.io -o name >/dev/null 2>&1; then
+# Discovery, not `get crd`: it needs no cluster-wide read permission.
+resources=$("$kubectl" api-resources --api-group=jobset.x-k8s.io -o name 2>/dev/null || true)
+if printf '%s\n' "$resources" | grep -q '^jobsets\.'; then
   kinds="job jobset"
 elif grep -q '^kind: JobSet$' "$rendered"; then
   # Without the CRD the API server rejects the JobSet and kubectl would still create the rest.

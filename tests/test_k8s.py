@@ -1138,8 +1138,8 @@ joined = " ".join(args)
 def pods():
   snapshots = state["pods"]
   return snapshots.pop(0) if len(snapshots) > 1 else snapshots[0]
-if args[:2] == ["get", "crd"]:
-  code = 0 if state["crd"] else 1
+if args[0] == "api-resources":
+  out = "jobsets.jobset.x-k8s.io\\n" if state["crd"] else ""
 elif args[0] == "get" and args[1] in ("job", "jobset") and len(args) > 2 and "-l" not in args:
   key = f"{{args[1]}}/{{args[2]}}"
   obj = state["objects"].get(key)
