@@ -57,7 +57,7 @@ def _can_download(timeout: float = 5.0) -> bool:
     return False
 
 
-def _load_tfds_split(name: str, data_dir, split: str):
+def load_tfds_split(name: str, data_dir, split: str):
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -99,8 +99,8 @@ def load_splits(dataset: str, data_dir=None, idx_dir=None, validation_examples=0
     test_images, test_labels = idx.load_split(idx_dir, "test")
     source = f"idx:{idx_dir}"
   else:
-    train_images, train_labels = _load_tfds_split(dataset, data_dir, "train")
-    test_images, test_labels = _load_tfds_split(dataset, data_dir, "test")
+    train_images, train_labels = load_tfds_split(dataset, data_dir, "train")
+    test_images, test_labels = load_tfds_split(dataset, data_dir, "test")
     source = f"tfds:{dataset}"
   if validation_examples >= len(train_labels):
     raise UsageError(f"--validation_examples={validation_examples} leaves no training data "

@@ -100,6 +100,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("teacher_dir", None,
                       "Where --mode=students finds the trained teacher. Default <model_dir>/teacher.",
                       flag_values=fv)
+  flags.DEFINE_string(
+      "teacher_model", None,
+      "A teacher trained elsewhere (local or gs://): a .keras or .h5 file or a SavedModel "
+      "folder mapping 28x28 grayscale images to 10 logits or probabilities. Replaces the "
+      "teacher trained here in --mode=all and --mode=students.", flag_values=fv)
+  flags.DEFINE_enum("teacher_input_range", "0-1", ("0-1", "0-255"),
+                    "Pixel scale --teacher_model expects: 0-1 floats (as this job's models) or "
+                    "0-255.", flag_values=fv)
+  flags.DEFINE_string(
+      "transfer_idx_dir", None,
+      "Distill the students on this transfer set instead of the teacher's training split: a "
+      "folder (local or gs://) with one IDX images file and optionally its labels file.",
+      flag_values=fv)
+  flags.DEFINE_string(
+      "transfer_dataset", None,
+      "Like --transfer_idx_dir, from a tensorflow-datasets name (its train split, read from "
+      "--data_dir).", flag_values=fv)
   # What to run.
   flags.DEFINE_enum("mode", "all", MODES,
                     "all: teacher then students; teacher; students (reuses the teacher); "
@@ -326,7 +343,8 @@ def parse_batch_slices(raw: str) -> str:
   raise UsageError(f"--batch_slices={raw!r}: expected 'auto' or a positive integer")
 
 
-LOCATION_FLAGS = ("model_dir", "teacher_dir", "idx_dir", "data_dir")
+LOCATION_FLAGS = ("model_dir", "teacher_dir", "idx_dir", "data_dir", "teacher_model",
+                  "transfer_idx_dir")
 LOCATION_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR")
 
 
@@ -356,6 +374,11 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Set
   if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
     raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
   _check_locations(fv, environ)
+  if fv.transfer_idx_dir and fv.transfer_dataset:
+    raise UsageError("--transfer_idx_dir and --transfer_dataset: give one transfer set, not both")
+  if fv.teacher_model and fv.mode == "teacher":
+    raise UsageError("--mode=teacher with --teacher_model: the teacher is given, nothing to "
+                     "train (use --mode=all or --mode=students)")
   values = {name: fv[name].value for name in _job_flag_names()}
   students = parse_students(values.pop("student"))
   index = values.pop("student_index")

@@ -19,11 +19,12 @@ import time
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import trainer
-from trainer import (comparison, distribution, layout, lease, models, provenance, rerun, results,
-                     runtime, teacher_cache)
+from trainer import (comparison, distribution, evaluation, layout, lease, model_training, models,
+                     provenance, rerun, results, runtime, teacher_cache)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError
@@ -66,6 +67,8 @@ class Job:
   # ---- the teacher ----
   def run_teacher(self):
     s, rt, mt = self.settings, self.rt, self.trainer
+    if rt.outside_teacher is not None:
+      return self._report_given_teacher()
     done = mt.pull(TEACHER, finished_needs=(layout.MODEL_FILE,))
     if done:
       logging.info("teacher already finished (%.4f test accuracy): reusing it",
@@ -85,16 +88,54 @@ class Job:
               extra={"weights_sha256": teacher_cache.weights_digest(net)})
     return net
 
+  def _report_given_teacher(self):
+    """--teacher_model: no teacher is trained; the given one is evaluated on the validation
+    and test splits and reported as the teacher row, marked as not trained here."""
+    rt, mt, given = self.rt, self.trainer, self.rt.outside_teacher
+    if not mt.pull(TEACHER):
+      validation = evaluation.test_report(
+          evaluation.predict_logits(given.model, rt.splits.validation_images, slices=rt.slices),
+          rt.splits.validation_labels)
+      trained = model_training.Trained(
+          seconds=0.0, examples=0, validation={"accuracy": validation["test_accuracy"],
+                                               "loss": validation["test_loss"]})
+      mt.finish(TEACHER, given.model, "teacher", trained, 0, self.teacher_record(),
+                extra={"weights_sha256": given.sha256, **given.record()}, export=False)
+    return given.model
+
   def teacher_record(self) -> dict:
-    return provenance.teacher_settings(self.settings, self.rt.splits.record(), self.rt.precision)
+    rt = self.rt
+    if rt.outside_teacher is not None:
+      return {"role": "teacher", "data": rt.splits.record(), **rt.outside_teacher.record()}
+    return provenance.teacher_settings(self.settings, rt.splits.record(), rt.precision)
 
   def student_record(self, spec, teacher_sha256: str) -> dict:
-    return provenance.student_settings(self.settings, spec, self.rt.splits.record(),
-                                       self.rt.precision, teacher_sha256)
+    rt = self.rt
+    extra = {"train_set": self._train_set()[2]}
+    if rt.outside_teacher is not None:
+      extra["teacher"] = rt.outside_teacher.record()
+    return provenance.student_settings(self.settings, spec, rt.splits.record(), rt.precision,
+                                       teacher_sha256, extra)
+
+  def _train_set(self):
+    """(images, labels, record) the students learn from: the transfer set when one is given
+    (placeholder labels when it has none: only alpha=1 students train there), else the task's
+    training split."""
+    rt = self.rt
+    if rt.transfer is None:
+      return (rt.splits.train_images, rt.splits.train_labels,
+              {"source": "training split", "examples": int(len(rt.splits.train_labels)),
+               "labelled": True})
+    labels = rt.transfer.labels
+    if labels is None:
+      labels = np.zeros(len(rt.transfer.images), np.int64)
+    return rt.transfer.images, labels, rt.transfer.record
 
   def _known_teacher_sha256(self):
     """The weights digest of the teacher students will learn from, if it exists already."""
     s, rt = self.settings, self.rt
+    if rt.outside_teacher is not None:
+      return rt.outside_teacher.sha256
     if s.mode == "students":
       folder = rt.teacher_dir
     elif s.mode == "all" and "teacher" not in s.retrain:
@@ -111,8 +152,11 @@ class Job:
       return keras.models.load_model(os.path.join(folder, layout.MODEL_FILE), compile=False)
 
   def teacher_logits(self, teacher):
-    """Teacher logits on train and validation, computed once and kept in model_dir."""
-    return teacher_cache.load_or_compute(teacher, self.rt.splits, self.rt.storage,
+    """Teacher logits on the students' training images and the validation split, computed
+    once and kept in model_dir."""
+    images, _, record = self._train_set()
+    return teacher_cache.load_or_compute(teacher, images, self.rt.splits.validation_images,
+                                         record["source"], self.rt.storage,
                                          write=self.rt.chief, slices=self.rt.slices)
 
   # ---- the students ----
@@ -122,7 +166,8 @@ class Job:
       logging.info("student %s already finished: skipping", spec.name)
       return
     train_extra, validation_extra = cached_logits or (None, None)
-    train = mt.pipeline(rt.splits.train_images, rt.splits.train_labels, train_extra)
+    images, labels, train_set = self._train_set()
+    train = mt.pipeline(images, labels, train_extra)
     validation = mt.pipeline(rt.splits.validation_images, rt.splits.validation_labels,
                              validation_extra)
     net = mt.seeded(models.build_student)  # same seed: every student starts identical
@@ -134,11 +179,13 @@ class Job:
                                                train.steps_per_epoch),
                         distillation_weight=spec.alpha, temperature=spec.temperature,
                         slices=rt.slices)
-    record = self.student_record(spec, teacher_cache.weights_digest(teacher))
+    record = self.student_record(spec, self._known_teacher_sha256()
+                                 or teacher_cache.weights_digest(teacher))
     trained = mt.train(spec.name, distiller, net, train, validation, s.student_epochs, record)
     mt.finish(spec.name, net, "student", trained, s.student_epochs, record,
               extra={"alpha": spec.alpha, "temperature": spec.temperature,
-                     "teacher_logits": s.teacher_logits, "initial_weights_sha256": initial})
+                     "teacher_logits": s.teacher_logits, "initial_weights_sha256": initial,
+                     "train_set": train_set})
 
   # ---- the report ----
   def run_info(self) -> dict:
@@ -228,7 +275,9 @@ class Job:
     if s.mode in ("all", "teacher"):
       teacher = self.run_teacher()
     if s.mode in ("all", "students"):
-      teacher = teacher or self._load_teacher(self.rt.teacher_dir)
+      if teacher is None:
+        teacher = (self.rt.outside_teacher.model if self.rt.outside_teacher is not None
+                   else self._load_teacher(self.rt.teacher_dir))
       cached = self.teacher_logits(teacher) if s.teacher_logits == "cached" else None
       for spec in s.students:
         self.run_student(spec, teacher, cached)

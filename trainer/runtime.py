@@ -14,8 +14,9 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from trainer import batch_slices, data, distribution, layout, storage
+from trainer import batch_slices, data, distribution, layout, storage, transfer_set
 from trainer.errors import UsageError
+from trainer.outside_teacher import OutsideTeacher, load_teacher
 from trainer.flags import Settings
 
 TEACHER = "teacher"
@@ -36,6 +37,8 @@ class Runtime:
   intra_op_threads: int
   splits: Optional[data.Splits]  # None in --mode=report
   teacher_dir: Optional[str]  # local folder of the finished teacher, in --mode=students
+  outside_teacher: Optional[OutsideTeacher] = None  # --teacher_model
+  transfer: Optional["TransferSet"] = None  # --transfer_idx_dir / --transfer_dataset
 
   @property
   def dir(self) -> str:
@@ -45,6 +48,15 @@ class Runtime:
   def uploaders(self) -> list:
     """The run's storage and its Vertex AI mirrors."""
     return [t for t in (self.storage, self.log_mirror, self.checkpoint_mirror) if t is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferSet:
+  """The images the students distill on instead of the training split (labels optional)."""
+
+  images: object  # uint8 [N,28,28]
+  labels: object  # int64 [N] or None
+  record: dict  # source, examples, labelled, images digest (trainer/transfer_set.py)
 
 
 def resolve_precision(setting: str) -> str:
@@ -146,15 +158,43 @@ def prepare(s: Settings, strategy: Optional[tf.distribute.Strategy] = None,
   if s.deterministic:
     tf.config.experimental.enable_op_determinism()
   teacher_dir = None
-  if s.mode == "students":
+  if s.mode == "students" and not s.teacher_model:
     teacher_dir = _locate_teacher(s, run_storage)
   if s.mode != "report" and splits is None:
     splits = _load_splits(s)
   if splits is not None and len(splits.train_labels) < s.batch_size:
     raise UsageError(f"--batch_size={s.batch_size} is larger than the "
                      f"{len(splits.train_labels)} training examples")
+  given_teacher = transfer = None
+  if s.mode in ("all", "students"):
+    if s.teacher_model:
+      given_teacher = load_teacher(
+          storage.fetch_to_local(s.teacher_model, flag_name="--teacher_model"),
+          s.teacher_input_range, probe_images=splits.validation_images[:32])
+      logging.info("Teacher: %s", given_teacher.description)
+    transfer = _load_transfer(s)
   return Runtime(storage=run_storage, log_mirror=log_mirror, checkpoint_mirror=checkpoint_mirror,
                  strategy=strategy, chief=distribution.is_chief(strategy), replicas=replicas,
                  precision=precision, slices=threads.slices,
                  intra_op_threads=threads.intra_op_threads,
-                 splits=splits if s.mode != "report" else None, teacher_dir=teacher_dir)
+                 splits=splits if s.mode != "report" else None, teacher_dir=teacher_dir,
+                 outside_teacher=given_teacher, transfer=transfer)
+
+
+def _load_transfer(s: Settings) -> Optional[TransferSet]:
+  if not (s.transfer_idx_dir or s.transfer_dataset):
+    return None
+  idx_dir = (storage.fetch_to_local(s.transfer_idx_dir, flag_name="--transfer_idx_dir")
+             if s.transfer_idx_dir else None)
+  data_dir = storage.fetch_to_local(s.data_dir) if s.data_dir else None
+  images, labels = transfer_set.load_transfer_set(idx_dir=idx_dir, tfds_name=s.transfer_dataset,
+                                                  data_dir=data_dir)
+  source = transfer_set.source_name(idx_dir=s.transfer_idx_dir, tfds_name=s.transfer_dataset)
+  transfer_set.require_labels(s.students, labels, source)
+  if len(images) < s.batch_size:
+    raise UsageError(f"--batch_size={s.batch_size} is larger than the {len(images)} images of "
+                     f"the transfer set {source}")
+  logging.info("Transfer set %s: %d images, %s", source, len(images),
+               "labelled" if labels is not None else "no labels")
+  return TransferSet(images=images, labels=labels,
+                     record=transfer_set.record(source, images, labels))

@@ -779,7 +779,8 @@ def open_storage(model_dir: str, staging_root: Optional[str] = None,
 
 
 def fetch_to_local(url: str, dest_root: Optional[str] = None, flag_name: str = "input") -> str:
-  """Returns a local folder with the contents of `url`: local paths unchanged, gs:// downloaded.
+  """Returns a local folder with the contents of `url`: local paths unchanged, gs:// downloaded
+  (a URL that names one object gives that file's local copy).
 
   The copy lives in dest_root/<bucket>/<prefix> (default: a `_inputs` folder in the staging
   root) and is an exact mirror: unchanged files are not fetched again, stale ones are removed.
@@ -799,6 +800,13 @@ def fetch_to_local(url: str, dest_root: Optional[str] = None, flag_name: str = "
                           min(budget, CHECK_SECONDS))
   except Exception as e:  # pylint: disable=broad-except
     raise _unusable(f"{flag_name}={url}", bucket_name, e, "cannot list") from None
+  if set(blobs) == {""} and not is_unmirrored(os.path.basename(prefix)):
+    # The URL names one object (a .keras teacher, say): fetch that file.
+    try:
+      _download(bucket, blobs[""], dest, budget)
+    except Exception as e:  # pylint: disable=broad-except
+      raise StorageError(f"{url}: download failed: {_one_line(e)}") from e
+    return dest
   blobs.pop("", None)  # An object named exactly like the folder: not part of the tree.
   blobs = {r: b for r, b in blobs.items() if not is_unmirrored(r)}
   if not blobs:

@@ -27,16 +27,21 @@ def weights_digest(net) -> str:
   return digest.hexdigest()
 
 
-def _images_digest(splits) -> str:
+def _images_digest(*arrays) -> str:
   digest = hashlib.sha256()
-  for array in (splits.train_images, splits.validation_images):
+  for array in arrays:
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()
 
 
-def load_or_compute(teacher, splits, run_storage, write: bool, slices: int = 1):
-  """(train logits, validation logits) of `teacher`, from the cache or computed and cached."""
-  key = {"images_sha256": _images_digest(splits), "teacher_params": teacher.count_params(),
+def load_or_compute(teacher, train_images, validation_images, train_source: str, run_storage,
+                    write: bool, slices: int = 1):
+  """(train logits, validation logits) of `teacher`, from the cache or computed and cached.
+
+  `train_images` are what the students learn from (the training split or a transfer set,
+  named by `train_source`); the cache key names them, the validation images and the teacher."""
+  key = {"images_sha256": _images_digest(train_images, validation_images),
+         "train_source": train_source, "teacher_params": teacher.count_params(),
          "teacher_weights_sha256": weights_digest(teacher)}
   rel = f"{CACHE_DIR}/" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   folder = os.path.join(run_storage.local_dir, rel)
@@ -50,8 +55,8 @@ def load_or_compute(teacher, splits, run_storage, write: bool, slices: int = 1):
   except (OSError, ValueError):
     pass
   started = time.perf_counter()
-  train = evaluation.predict_logits(teacher, splits.train_images, slices=slices)
-  validation = evaluation.predict_logits(teacher, splits.validation_images, slices=slices)
+  train = evaluation.predict_logits(teacher, train_images, slices=slices)
+  validation = evaluation.predict_logits(teacher, validation_images, slices=slices)
   logging.info("Cached teacher logits for %d examples in %.1fs", len(train) + len(validation),
                time.perf_counter() - started)
   if write:

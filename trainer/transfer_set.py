@@ -25,7 +25,7 @@ def load_transfer_set(idx_dir=None, tfds_name=None, data_dir=None, tfds_split="t
   if (idx_dir is None) == (tfds_name is None):
     raise UsageError("a transfer set comes from an IDX folder or a tfds dataset: give one")
   if tfds_name is not None:
-    images, labels = data._load_tfds_split(tfds_name, data_dir, tfds_split)
+    images, labels = data.load_tfds_split(tfds_name, data_dir, tfds_split)
     where = f"transfer dataset {tfds_name!r} ({tfds_split})"
   else:
     image_path, label_path = idx.find_unsplit(idx_dir)
