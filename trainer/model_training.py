@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 import keras
 
-from trainer import (comparison, evaluation, export, hparams_logging, layout, provenance, results,
+from trainer import export as exports
+from trainer import (comparison, evaluation, hparams_logging, layout, provenance, results,
                      summaries)
 from trainer.errors import Preempted
 from trainer.flags import Settings
@@ -148,9 +149,10 @@ class ModelTrainer:
 
   # ---- finishing ----
   def finish(self, name: str, net, role: str, trained: Trained, epochs: int, record: dict,
-             extra: Optional[dict] = None) -> dict:
-    """Evaluates on the test split, exports, and writes the result marker last (with `record`,
-    the settings that made the model)."""
+             extra: Optional[dict] = None, export: bool = True) -> dict:
+    """Evaluates on the test split, exports (unless `export` is False: a teacher given by
+    --teacher_model is the user's own file), and writes the result marker last (with
+    `record`, the settings that made the model)."""
     rt = self.rt
     splits = rt.splits
     logits = evaluation.predict_logits(net, splits.test_images, slices=rt.slices)
@@ -170,8 +172,9 @@ class ModelTrainer:
       comparison.save_predictions(folder, splits.test_images, splits.test_labels, predictions)
       summaries.write_test(layout.local(rt.dir, layout.LOGS), name, epochs, report,
                            splits.test_labels, predictions)
-      export.export_saved_model(net, os.path.join(folder, layout.EXPORT))
-      export.save_keras(net, os.path.join(folder, layout.MODEL_FILE))
+      if export:
+        exports.export_saved_model(net, os.path.join(folder, layout.EXPORT))
+        exports.save_keras(net, os.path.join(folder, layout.MODEL_FILE))
       self._ensure_lease(name)
       layout.write_json(os.path.join(folder, layout.RESULT), result)
       self.sync_logs(name)
