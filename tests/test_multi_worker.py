@@ -75,7 +75,8 @@ def test_two_workers_match_one_process(tmp_path):
 
 
 def start_workers(tmp_path, args, model_dirs=(), tag="run"):
-  """Two workers of one cluster (`model_dirs`: one --model_dir each); output in <tag>-N.log."""
+  """Two workers of one cluster (`model_dirs`: one --model_dir each); output in <tag>-N.log.
+  Each has a staging disk of its own, <tag>-disk-N, as each pod has (gs:// model_dirs)."""
   workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
   procs, logs = [], []
   for index in range(2):
@@ -85,14 +86,18 @@ def start_workers(tmp_path, args, model_dirs=(), tag="run"):
     with open(logs[-1], "w") as log:
       procs.append(subprocess.Popen(
           [sys.executable, "-m", "trainer", "--strategy=auto", *own, *args], cwd=REPO,
-          env=cli_env(TF_CONFIG=json.dumps(tf_config)), stdout=log, stderr=subprocess.STDOUT))
+          env=cli_env(TF_CONFIG=json.dumps(tf_config),
+                      MNIST_DISTILL_STAGING=str(tmp_path / f"{tag}-disk-{index}"),
+                      MNIST_DISTILL_GCS_RETRY_SECONDS="30"),
+          stdout=log, stderr=subprocess.STDOUT))
   return procs, logs
 
 
-def read_checkpoint_step(folder):
-  """Global step of the latest checkpoint in folder (they are numbered by it); 0 if none."""
+def read_checkpoint_step(folder, state=None):
+  """Global step of the latest checkpoint in folder (they are numbered by it), or in the text
+  of a `checkpoint` state file; 0 if none."""
   try:
-    state = (folder / "checkpoint").read_text()
+    state = (folder / "checkpoint").read_text() if state is None else state
   except FileNotFoundError:
     return 0
   found = re.search(r'model_checkpoint_path: "ckpt-(\d+)"', state)
@@ -108,20 +113,27 @@ def _wait_all(procs, logs, timeout=300):
   return codes, [log.read_text() for log in logs]
 
 
-def test_killed_worker_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+def test_killed_worker_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(gcs_emulator,
+                                                                              tmp_path):
   reference = tmp_path / "reference"
   codes, outs = _wait_all(*start_workers(tmp_path, [f"--model_dir={reference}", *TINY_TEACHER],
                                          tag="reference"))
   assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
-  run = tmp_path / "run"  # one folder for both workers, as a bucket or a shared volume is
-  checkpoints = run / "teacher" / "checkpoints"
-  procs, logs = start_workers(tmp_path, [f"--model_dir={run}", *TINY_TEACHER], tag="killed")
+  # Both workers on the bucket, each pod with a disk of its own (as on a cluster).
+  run = [f"--model_dir={gcs_emulator.url('run')}", *TINY_TEACHER]
+  state = "run/teacher/checkpoints/checkpoint"
+
+  def uploaded_step():
+    return read_checkpoint_step(None, gcs_emulator.read(state).decode()) \
+        if state in gcs_emulator.objects("run/") else 0
+
+  procs, logs = start_workers(tmp_path, run, tag="killed")
   try:
     deadline = time.monotonic() + 300
-    while read_checkpoint_step(checkpoints) <= STEPS_PER_EPOCH:  # into the second epoch
+    while uploaded_step() <= STEPS_PER_EPOCH:  # into the second epoch
       assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
-      time.sleep(0.02)
+      time.sleep(0.05)
     procs[1].kill()
     killed = time.monotonic()
     code = procs[0].wait(timeout=120)
@@ -132,25 +144,29 @@ def test_killed_worker_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(
   out = logs[0].read_text()
   assert code == 4 and "mnist-distill: error: PeerLost:" in out, out[-3000:]
   assert waited < 60, waited
-  step = read_checkpoint_step(checkpoints)
+  step = uploaded_step()  # the chief uploaded what it had before exiting
   assert STEPS_PER_EPOCH < step < 3 * STEPS_PER_EPOCH
 
-  # The layout of the report: worker 1 with a folder of its own finds no progress. Both stop,
-  # with one clear line, before the first step, instead of hanging in their first collective.
-  codes, outs = _wait_all(*start_workers(tmp_path, TINY_TEACHER, tag="apart",
-                                         model_dirs=(run, tmp_path / "apart")), timeout=180)
+  # The layout of the report: worker 1 with a local folder of its own finds no progress. Both
+  # stop, with one clear line, before the first step, instead of hanging in their first
+  # collective.
+  codes, outs = _wait_all(*start_workers(tmp_path, TINY_TEACHER, tag="apart", model_dirs=(
+      gcs_emulator.url("run"), tmp_path / "apart")), timeout=180)
   assert codes == [2, 2], outs[0][-3000:] + outs[1][-3000:]
   for out in outs:
     assert "mnist-distill: error: the workers restored different progress (worker 0: epoch 1, " \
         f"step {step - STEPS_PER_EPOCH} (global step {step}" in out, out[-3000:]
-  assert read_checkpoint_step(checkpoints) == step  # nothing trained, nothing saved
+  assert uploaded_step() == step  # nothing trained, nothing saved
 
-  codes, outs = _wait_all(*start_workers(tmp_path, [f"--model_dir={run}", *TINY_TEACHER],
-                                         tag="rerun"))
+  # New pods, new disks: both resume from the chief's checkpoint in the bucket.
+  codes, outs = _wait_all(*start_workers(tmp_path, run, tag="rerun"))
   assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-  for out in outs:  # both from the chief's checkpoint
-    assert f"Resumed from {checkpoints}/ckpt-{step} (epoch 1, step {step - STEPS_PER_EPOCH})" \
-        in out, out[-3000:]
-  for got, want in zip(_weights(run / "teacher" / "model.keras"),
-                       _weights(reference / "teacher" / "model.keras"), strict=True):
+  for index, out in enumerate(outs):
+    local = tmp_path / f"rerun-disk-{index}" / "test-bucket" / "run" / "teacher" / "checkpoints"
+    assert f"Resumed from {local}/ckpt-{step} (epoch 1, step {step - STEPS_PER_EPOCH})" in out, \
+        out[-3000:]
+  downloaded = tmp_path / "teacher.keras"
+  downloaded.write_bytes(gcs_emulator.read("run/teacher/model.keras"))
+  for got, want in zip(_weights(downloaded), _weights(reference / "teacher" / "model.keras"),
+                       strict=True):
     assert got.dtype == want.dtype and np.array_equal(got, want)  # bit for bit

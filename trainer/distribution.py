@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from trainer import watchdog
 from trainer.errors import PeerLost, UsageError
 
 # The kinds of error a collective ends with when a peer worker is gone: connection reset
@@ -62,10 +63,11 @@ def tf_config_workers(environ=None) -> int:
 def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
   """Builds the strategy named by --strategy (see module docstring for 'auto')."""
   if name == "multi_worker" or (name == "auto" and tf_config_workers() > 1):
-    # Must exist before any other TF op runs, so this comes first. Its coordination service
-    # installs a SIGTERM handler of its own (for TensorFlow's preemption notifier) that swallows
-    # the signal: the job's handler would never run, and a SIGTERM'd worker would train on
-    # until SIGKILL. So the handler in place before is put back.
+    # Must exist before any other TF op runs, so this comes first. Starting it replaces the
+    # process's SIGTERM handler with one of TensorFlow's that swallows the signal: the job's
+    # handler would never run, and a SIGTERM'd worker would train on until SIGKILL. So the
+    # handler in place before is put back.
+    watchdog.collective_timeout()  # a bad $MNIST_DISTILL_COLLECTIVE_TIMEOUT_SECONDS: exit 2 now
     previous = signal.getsignal(signal.SIGTERM)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if previous is not None:

@@ -135,7 +135,7 @@ class GraceDeadline:
   def __init__(self, seconds: float, pending: Optional[Callable[[], List[str]]] = None,
                exit_fn: Callable[[int, str], None] = _die):
     self.seconds = seconds
-    self._pending = pending
+    self.pending = pending  # may be set later, once the storage exists
     self._exit = exit_fn
     self._started = None
     self.finished = threading.Event()  # set by the main thread when it exits in time
@@ -172,7 +172,7 @@ class GraceDeadline:
     if self.finished.wait(budget):
       return
     try:
-      lost = self._pending() if self._pending else _default_lost()
+      lost = self.pending() if self.pending else _default_lost()
     except Exception as e:  # pylint: disable=broad-except  # the exit must happen regardless
       lost = [f"(could not list the pending uploads: {e})"]
     what = ("; may be missing from the bucket: " + ", ".join(lost)) if lost else ""
