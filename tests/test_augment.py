@@ -98,3 +98,30 @@ def test_the_flag_offers_exactly_the_kinds_implemented():
 def test_unknown_kind_is_rejected():
   with pytest.raises(ValueError, match="unknown augmentation"):
     augment.check_kind("mixup")
+
+
+def test_the_shipped_recipe_augments_with_the_online_teacher():
+  from helpers import REPO
+  from trainer.flags import parse_argv
+  settings = parse_argv(["mnist-distill", f"--flagfile={REPO}/configs/consistent.flags"])
+  assert settings.augment != "none" and settings.teacher_logits == "online"
+  assert any(s.alpha == 0 for s in settings.students)  # the augmented labels-only control
+  assert any(s.alpha > 0 for s in settings.students)
+
+
+def test_elastic_field_is_the_gaussian_blur_of_the_noise():
+  """The blur runs as two matrix products; a depthwise convolution with the normalized
+  Gaussian taps (zero padding) is the reference."""
+  field = tf.random.stateless_uniform([3, 28 * 28 * 2], [5, 6])
+  sigma = augment.ELASTIC_SIGMA
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = (taps / taps.sum()).astype(np.float32)
+  noise = tf.reshape(field * 2.0 - 1.0, [3, 28, 28, 2])
+  along_y = np.tile(taps.reshape(-1, 1, 1, 1), [1, 1, 2, 1])
+  along_x = np.tile(taps.reshape(1, -1, 1, 1), [1, 1, 2, 1])
+  reference = tf.nn.depthwise_conv2d(noise, along_y, [1, 1, 1, 1], "SAME")
+  reference = tf.nn.depthwise_conv2d(reference, along_x, [1, 1, 1, 1], "SAME")
+  got = augment._elastic_field(field, 28, 28)
+  np.testing.assert_allclose(got.numpy(), reference.numpy() * augment.ELASTIC_ALPHA, atol=1e-4)
+  assert 0.5 < float(tf.math.reduce_std(got)) < 5.0  # pixels: a visible, not wild, distortion

@@ -78,22 +78,23 @@ def _affine_transforms(params, height, width, shift_only):
   return tf.stack([a0, a1, a2, b0, b1, b2, zero, zero], axis=1)
 
 
-def _gaussian_kernel(sigma):
-  radius = int(math.ceil(3 * sigma))
-  x = tf.range(-radius, radius + 1, dtype=tf.float32)
-  kernel = tf.exp(-0.5 * (x / sigma) ** 2)
-  return kernel / tf.reduce_sum(kernel)
+def _blur_matrix(size, sigma):
+  """[size, size] matrix whose product with a signal is its Gaussian blur with zero padding.
+  Two small matmuls blur a batch of fields several times faster than a depthwise convolution
+  with the same 25 taps on CPUs."""
+  offsets = tf.range(size, dtype=tf.float32)
+  distance = offsets[:, None] - offsets[None, :]
+  radius = math.ceil(3 * sigma)
+  taps = tf.exp(-0.5 * (tf.range(-radius, radius + 1, dtype=tf.float32) / sigma) ** 2)
+  weights = tf.exp(-0.5 * (distance / sigma) ** 2) / tf.reduce_sum(taps)
+  return tf.where(tf.abs(distance) <= radius, weights, 0.0)
 
 
 def _elastic_field(field, height, width):
   """[n, h*w*2] uniform [0, 1) draws -> [n, h, w, 2] smooth (dx, dy) displacements."""
   noise = tf.reshape(field * 2.0 - 1.0, [-1, height, width, 2])
-  kernel = _gaussian_kernel(ELASTIC_SIGMA)
-  taps = int(kernel.shape[0])
-  along_y = tf.tile(tf.reshape(kernel, [taps, 1, 1, 1]), [1, 1, 2, 1])
-  along_x = tf.tile(tf.reshape(kernel, [1, taps, 1, 1]), [1, 1, 2, 1])
-  smooth = tf.nn.depthwise_conv2d(noise, along_y, [1, 1, 1, 1], "SAME")
-  smooth = tf.nn.depthwise_conv2d(smooth, along_x, [1, 1, 1, 1], "SAME")
+  smooth = tf.einsum("ij,njwc->niwc", _blur_matrix(height, ELASTIC_SIGMA), noise)
+  smooth = tf.einsum("vw,nhwc->nhvc", _blur_matrix(width, ELASTIC_SIGMA), smooth)
   return smooth * ELASTIC_ALPHA
 
 
