@@ -109,7 +109,7 @@ def test_watchdog_timeout_from_the_environment_is_range_checked(raw):
 
 
 def test_grace_deadline_exits_143_before_the_kill_and_names_what_the_bucket_lacks():
-  watchdog.note_checkpoint("/run/teacher/checkpoints", "ckpt-140", 1, 62)
+  watchdog.note_checkpoint("/disk/run/teacher/checkpoints/ckpt-140", 1, 62)
   exits = _Exits()
   deadline = watchdog.GraceDeadline(watchdog.GRACE_MARGIN_SECONDS + 0.3, exit_fn=exits)
   started = time.monotonic()
@@ -119,7 +119,7 @@ def test_grace_deadline_exits_143_before_the_kill_and_names_what_the_bucket_lack
   assert time.monotonic() - started < watchdog.GRACE_MARGIN_SECONDS + 0.3
   code, message = exits.calls[0]
   assert code == EXIT_PREEMPTED
-  assert "/run/teacher/checkpoints/ckpt-140 (epoch 1, step 62)" in message
+  assert "bucket: teacher/checkpoints/ckpt-140 (epoch 2, step 62)" in message
 
   in_time = _Exits()
   finished = watchdog.GraceDeadline(watchdog.GRACE_MARGIN_SECONDS + 0.2, exit_fn=in_time,

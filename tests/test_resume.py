@@ -15,6 +15,7 @@ import time
 
 import keras
 import numpy as np
+import pytest
 
 from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 
@@ -166,3 +167,41 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(gcs_emulator, tmp_pa
     for got, want in zip(load_weights(downloaded), load_weights(reference / name / "model.keras"),
                          strict=True):
       assert got.dtype == want.dtype and np.array_equal(got, want), name  # bit for bit
+
+
+def _grace_deadline_wired() -> bool:
+  """True once trainer/job.py's SIGTERM handling starts a watchdog.GraceDeadline."""
+  import inspect
+  from trainer import job
+  return "GraceDeadline" in inspect.getsource(job)
+
+
+@pytest.mark.skipif(not _grace_deadline_wired(),
+                    reason="trainer/job.py does not start watchdog.GraceDeadline on SIGTERM yet")
+def test_sigterm_with_the_bucket_down_exits_143_within_the_grace_period_and_says_what_is_lost(
+    gcs_emulator, tmp_path):
+  grace = 8
+  args = [f"--model_dir={gcs_emulator.url('run')}", *TINY, f"--grace_period_seconds={grace}"]
+  proc = start_cli(args, tmp_path / "first.log", MNIST_DISTILL_STAGING=str(tmp_path / "disk"),
+                   MNIST_DISTILL_GCS_RETRY_SECONDS="120")  # retries would outlast the grace
+  try:
+    assert wait_for(lambda: "run/teacher/checkpoints/checkpoint" in gcs_emulator.objects("run/"),
+                    proc), read(tmp_path / "first.log")[-3000:]
+    uploaded = gcs_emulator.read("run/teacher/checkpoints/checkpoint").decode()
+    gcs_emulator.stop()  # the upload of the SIGTERM checkpoint cannot finish
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - sent
+  finally:
+    proc.kill()
+    if not gcs_emulator.running:
+      gcs_emulator.start()
+  errors = error_lines(read(tmp_path / "first.log"))
+  assert code == 143, read(tmp_path / "first.log")[-3000:]
+  assert took < grace, took  # before the kubelet's SIGKILL
+  assert len(errors) == 1 and "grace period" in errors[0], errors
+  assert re.search(r"may be missing from the bucket: teacher/checkpoints/ckpt-\d+ \(epoch 1, "
+                   r"step \d+\)", errors[0]), errors[0]
+  # The bucket still names the checkpoint uploaded before the outage: a rerun resumes there.
+  assert gcs_emulator.read("run/teacher/checkpoints/checkpoint").decode() == uploaded

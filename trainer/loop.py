@@ -214,8 +214,7 @@ class TrainingLoop:
   def _save(self):
     self._check_finite("weights")
     path = self.manager.save(checkpoint_number=self._iterations())
-    watchdog.note_checkpoint(os.path.dirname(path), os.path.basename(path), int(self.epoch),
-                             int(self.step_in_epoch))
+    watchdog.note_checkpoint(path, int(self.epoch), int(self.step_in_epoch))
     self.on_checkpoint()
 
   def _steps_until_pause(self, step, steps_per_epoch):

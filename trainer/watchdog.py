@@ -108,18 +108,20 @@ def collectives() -> CollectiveWatchdog:
 
 
 # ---- the SIGTERM grace period ----
-_checkpoints = {}  # checkpoint folder -> (name, epoch, step) of the last checkpoint written
+_checkpoints = []  # the last checkpoint written: [(path, where in training)]
 
 
-def note_checkpoint(folder: str, name: str, epoch: int, step: int) -> None:
-  """Records the latest checkpoint written (by trainer/loop.py), for GraceDeadline's report."""
-  _checkpoints.clear()  # one model trains at a time: only its latest checkpoint matters
-  _checkpoints[folder] = (name, epoch, step)
+def note_checkpoint(path: str, epochs_done: int, step_in_epoch: int) -> None:
+  """Records the latest checkpoint written (by trainer/loop.py), for GraceDeadline's report.
+  One model trains at a time, so only the latest one matters."""
+  where = (f"epoch {epochs_done + 1}, step {step_in_epoch}" if step_in_epoch
+           else f"end of epoch {epochs_done}")
+  _checkpoints[:] = [(path, where)]
 
 
 def _default_lost() -> List[str]:
-  return [f"{folder}/{name} (epoch {epoch}, step {step})"
-          for folder, (name, epoch, step) in _checkpoints.items()]
+  # <model>/checkpoints/ckpt-N: the part of the path that is the same in the bucket
+  return [f"{'/'.join(path.split(os.sep)[-3:])} ({where})" for path, where in _checkpoints]
 
 
 class GraceDeadline:
