@@ -77,7 +77,7 @@ if [ ! -f "$tarball" ]; then
   # A machine id is per machine, not per image (systemd and dbus create it when they need one).
   : > "$root/etc/machine-id"
   # /dev, /proc and /sys are provided by the container runtime.
-  # Sorted, with every mtime clamped to the epoch : the same tree, the same tar.
+  # Sorted, with every mtime clamped to the epoch: the same tree gives the same tar.
   tar --numeric-owner --xattrs --one-file-system -C "$root" --sort=name \
     --mtime="@$epoch" --clamp-mtime \
     --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* -cf "$tarball.part" .
