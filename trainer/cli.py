@@ -29,6 +29,18 @@ def _fail(code: int, message: str):
   sys.exit(code)
 
 
+def _exit_multi_worker(code: int) -> None:
+  """A multi-worker process leaves without interpreter teardown: TensorFlow's collective
+  runtime sometimes aborts while being destroyed after a finished run (exit 134 in a pod,
+  counted as a failure). Everything the job writes was uploaded and closed by then."""
+  from trainer import distribution  # pylint: disable=import-outside-toplevel
+  if distribution.tf_config_workers() > 1:
+    std_logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+
+
 def _peer_lost(e: Exception):
   """PeerLost for a TensorFlow error that a lost multi-worker peer caused, else None."""
   if "tensorflow" not in sys.modules:
@@ -60,6 +72,7 @@ def main(argv):
     settings = settings_from_flags(FLAGS)
     from trainer.job import Job  # imports TensorFlow: only after the flags are good
     Job(settings).run()
+    _exit_multi_worker(errors.EXIT_OK)
   except (errors.UsageError, errors.StorageError, errors.Preempted, errors.PeerLost) as e:
     _fail(e.exit_code, str(e) if not isinstance(e, errors.PeerLost) else f"PeerLost: {e}")
   except KeyboardInterrupt:

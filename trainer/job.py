@@ -24,7 +24,7 @@ import tensorflow as tf
 
 import trainer
 from trainer import (comparison, distribution, evaluation, layout, lease, model_training, models,
-                     provenance, rerun, results, runtime, teacher_cache)
+                     provenance, rerun, results, runtime, teacher_cache, watchdog)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError
@@ -34,13 +34,16 @@ from trainer.runtime import TEACHER
 
 
 class _StopFlag:
-  """Set by SIGTERM (the pod's grace period): the loop checkpoints and exits."""
+  """Set by SIGTERM (the pod's grace period): the loop checkpoints and exits, and a deadline
+  makes sure the process says what is lost and exits 143 before the kubelet's SIGKILL."""
 
-  def __init__(self):
+  def __init__(self, grace_period_seconds: float):
     self.requested = False
+    self.deadline = watchdog.GraceDeadline(grace_period_seconds)
 
   def install(self):
     signal.signal(signal.SIGTERM, self._handle)
+    self.deadline.install()
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: checkpointing and exiting")
@@ -54,7 +57,7 @@ class Job:
 
   def __init__(self, settings: Settings, strategy=None, storage=None, splits=None):
     self.settings = settings
-    self.stop = _StopFlag()
+    self.stop = _StopFlag(settings.grace_period_seconds)
     self._overrides = dict(strategy=strategy, run_storage=storage, splits=splits)
     self.rt: Optional[runtime.Runtime] = None
     self.trainer: Optional[ModelTrainer] = None
