@@ -26,8 +26,13 @@ import time
 import tensorflow as tf
 
 from benchmarks import end_to_end, notebook, partner, report
-from benchmarks.throughput import (DEFAULT_THREADS, EXTRA_MODES, baseline_name, job_defaults,
-                                   measure_throughput)
+from benchmarks.throughput import (
+  DEFAULT_THREADS,
+  EXTRA_MODES,
+  baseline_name,
+  job_defaults,
+  measure_throughput,
+)
 from trainer import batch_slices, idx
 from trainer.errors import UsageError
 from trainer.flags import parse_batch_slices

@@ -6,8 +6,7 @@ import keras
 import tensorflow as tf
 
 from benchmarks import notebook
-from benchmarks.throughput import (DEFAULT_THREADS, EXTRA_MODES, PHASES, baseline_name,
-                                   variant_name)
+from benchmarks.throughput import DEFAULT_THREADS, EXTRA_MODES, PHASES, baseline_name, variant_name
 
 TARGETS = {"teacher training": 1.5, "distillation": 4.0}  # ours/baseline at equal batch size
 

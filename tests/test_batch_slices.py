@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR
 from trainer import batch_slices, idx, models
 from trainer.batch_slices import Plan
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.pipeline import normalize_images
+
+from helpers import MNIST_DIR
 
 
 @pytest.fixture(scope="module")

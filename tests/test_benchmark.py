@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR, REPO, cli_env
 from trainer import idx, losses, models
 from trainer.distiller import Distiller
 from trainer.pipeline import normalize_images
 
+from helpers import MNIST_DIR, REPO, cli_env
+
 sys.path[:0] = [REPO, f"{REPO}/scripts"]  # benchmarks/ and scripts/ run from the checkout
 import accuracy_table  # noqa: E402
+
 from benchmarks import notebook, report, throughput  # noqa: E402
 
 

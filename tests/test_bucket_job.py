@@ -13,10 +13,11 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from gcs_emulator import free_port
 
-from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 from trainer import idx
+
+from gcs_emulator import free_port
+from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 
 # 256 training examples in batches of 32: 8 steps an epoch.
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=256", "--validation_examples=128",

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 
-from helpers import MNIST_DIR, error_lines, run_cli, tree_digest
-from inprocess import run_job
 from trainer import errors
 from trainer import flags as job_flags
 from trainer.errors import UsageError
+
+from helpers import MNIST_DIR, error_lines, run_cli, tree_digest
+from inprocess import run_job
 
 ALL_FLAGS = ("model_dir", "dataset", "data_dir", "idx_dir", "mode", "teacher_dir",
              "teacher_epochs", "student_epochs", "batch_size", "learning_rate", "seed",
@@ -46,7 +47,8 @@ def test_flagfile_and_student_index(tmp_path, monkeypatch):
   assert [s.name for s in settings.students] == ["b"]
   assert settings.teacher_dir == "gs://bucket/run/teacher"
   monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
-  assert [s.name for s in job_flags.parse_argv(["prog", f"--flagfile={flagfile}"]).students] == ["a"]
+  settings = job_flags.parse_argv(["prog", f"--flagfile={flagfile}"])
+  assert [s.name for s in settings.students] == ["a"]
   monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
   with pytest.raises(UsageError, match="out of range"):
     job_flags.parse_argv(["prog", f"--flagfile={flagfile}"])
@@ -87,14 +89,16 @@ def _corrupt_idx_dir(tmp_path):
 
 BAD_INPUTS = {
     "alpha_out_of_range": (["--student=x:alpha=1.5"], "alpha must be in [0, 1]"),
-    "temperature_not_positive": (["--student=x:alpha=0.5,temperature=0"], "temperature must be > 0"),
+    "temperature_not_positive": (["--student=x:alpha=0.5,temperature=0"],
+                                 "temperature must be > 0"),
     "malformed_student": (["--student=x:alpha0.5"], "malformed"),
     "unknown_flag": (["--no_such_flag=1"], "no_such_flag"),
     "student_index_out_of_range": (["--student_index=3"], "out of range"),
     "unknown_dataset": (["--dataset=no_such_dataset_xyz"], "unknown dataset"),
     "missing_idx": (["--idx_dir={tmp}/nowhere"], "not found"),
     "corrupt_idx": (["--idx_dir={corrupt}"], "magic"),
-    "students_without_teacher": ([f"--idx_dir={MNIST_DIR}", "--mode=students"], "needs a finished teacher"),
+    "students_without_teacher": ([f"--idx_dir={MNIST_DIR}", "--mode=students"],
+                                 "needs a finished teacher"),
     "tfds_not_prepared": (["--data_dir={tmp}/empty_tfds"], "--idx_dir"),
     "batch_slices_not_a_count": (["--batch_slices=0"], "--batch_slices"),
     "batch_larger_than_data": ([f"--idx_dir={MNIST_DIR}", "--max_train_examples=10"], "batch_size"),

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from helpers import MNIST_DIR, REPO, cli_env
 from trainer import distribution
 from trainer.errors import UsageError
+
+from helpers import MNIST_DIR, REPO, cli_env
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
+from trainer.errors import UsageError
+
 from helpers import cli_env, error_lines
 from inprocess import parse
-from trainer.errors import UsageError
 
 BAD_NUMBERS = {
     "--learning_rate=nan": "--learning_rate must be finite and > 0",

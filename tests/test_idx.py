@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import MNIST_DIR
 from trainer import idx
 from trainer.errors import UsageError
+
+from helpers import MNIST_DIR
 
 
 def _published_sums():

@@ -1,4 +1,5 @@
-"""The container image: lint docker/Dockerfile, then build the CPU variant here and run the job in it.
+"""The container image: lint docker/Dockerfile, then build the CPU variant here and run the job
+in it.
 
 The build cannot pull a base image or reach PyPI from inside, so it is done the offline way the
 Dockerfile supports: a Debian bookworm base made with debootstrap (docker/make_debootstrap_base.sh)
@@ -58,7 +59,8 @@ def _run(cmd, timeout=900, **kwargs):
 
 def _tail(text, limit=4000):
   """The end of a tool's output for an assertion message, without pip's per-package noise."""
-  lines = [l for l in text.splitlines() if "is ignored: it is neither a file nor a directory" not in l]
+  ignored = "is ignored: it is neither a file nor a directory"
+  lines = [line for line in text.splitlines() if ignored not in line]
   return "\n".join(lines)[-limit:]
 
 
@@ -94,7 +96,8 @@ def _dockerfile_env():
 
 def test_dockerfile_pins_its_base_by_digest_and_finds_the_nvidia_driver():
   text = (REPO / "docker" / "Dockerfile").read_text()
-  base = next(l.split("=", 1)[1] for l in text.splitlines() if l.startswith("ARG BASE_IMAGE="))
+  base = next(line.split("=", 1)[1] for line in text.splitlines()
+              if line.startswith("ARG BASE_IMAGE="))
   assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base), base
   env = _dockerfile_env()
   assert NVIDIA_LIB in env["LD_LIBRARY_PATH"].split(":")
@@ -332,6 +335,7 @@ def test_push_image_prints_the_digest_the_registry_serves(debootstrap_base, tmp_
 def test_gpu_pins_satisfy_tensorflow_and_cuda():
   """docker/requirements-cuda.txt pins exactly what `tensorflow[and-cuda]` asks for, compatibly."""
   from importlib import metadata
+
   from packaging.requirements import Requirement
   from packaging.utils import canonicalize_name
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import batch_slices, idx
+
 from helpers import MNIST_DIR, SMOKE_ARGS, tree_digest
 from inprocess import run_job
-from trainer import batch_slices, idx
 
 MODELS = ("teacher", "labels_only", "teacher_only", "distilled")
 RESULT_FIELDS = ("name", "params", "test_accuracy", "test_errors", "test_loss", "train_seconds",

@@ -35,9 +35,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import MNIST_DIR, cli_env
 from trainer import errors
 from trainer.flags import parse_argv
+
+from helpers import MNIST_DIR, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -792,7 +793,7 @@ def test_jobset_restarts_workers_together_and_fails_at_once_on_bad_input(rendere
     assert policy["restartStrategy"] == "BlockingRecreate"
     assert policy["maxRestarts"] >= 1
     for rjob, job in _child_jobs(jobset):
-      def action(code=None, disrupted=False):
+      def action(code=None, disrupted=False, job=job, rjob=rjob, jobset=jobset):
         failure = _job_failure(job, code, disrupted)
         return failure and _jobset_action(jobset, rjob, *failure)
       # Bad input ends the whole run at once, whoever hits it.

@@ -6,9 +6,9 @@ from trainer import models
 def test_teacher_matches_notebook():
   teacher = models.build_teacher()
   assert teacher.count_params() == 1_144_074
-  convs = [l.filters for l in teacher.layers if l.__class__.__name__ == "Conv2D"]
-  dense = [l.units for l in teacher.layers if l.__class__.__name__ == "Dense"]
-  pools = [l for l in teacher.layers if l.__class__.__name__ == "AveragePooling2D"]
+  convs = [layer.filters for layer in teacher.layers if layer.__class__.__name__ == "Conv2D"]
+  dense = [layer.units for layer in teacher.layers if layer.__class__.__name__ == "Dense"]
+  pools = [layer for layer in teacher.layers if layer.__class__.__name__ == "AveragePooling2D"]
   assert convs == [16, 32, 64] and dense == [1024, 512, 10] and len(pools) == 3
   assert teacher.output_shape == (None, 10)
 
@@ -16,8 +16,8 @@ def test_teacher_matches_notebook():
 def test_student_matches_notebook():
   student = models.build_student()
   assert student.count_params() == 28_226
-  convs = [l.filters for l in student.layers if l.__class__.__name__ == "Conv2D"]
-  dense = [l.units for l in student.layers if l.__class__.__name__ == "Dense"]
+  convs = [layer.filters for layer in student.layers if layer.__class__.__name__ == "Conv2D"]
+  dense = [layer.units for layer in student.layers if layer.__class__.__name__ == "Dense"]
   assert convs == [8, 8] and dense == [64, 32, 10]
 
 

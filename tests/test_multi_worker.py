@@ -65,7 +65,8 @@ def test_two_workers_match_one_process(tmp_path):
   proc = run_cli([f"--model_dir={single}", "--strategy=default", *ARGS])
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("teacher", "only"):
-    ours, reference = _weights(chief / name / "model.keras"), _weights(single / name / "model.keras")
+    ours = _weights(chief / name / "model.keras")
+    reference = _weights(single / name / "model.keras")
     for a, b in zip(ours, reference):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
   with open(single / "results.json") as f:

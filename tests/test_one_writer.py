@@ -1,4 +1,4 @@
-"""Job-level guards of a run folder: one writer per model, and non-finite training never finishes."""
+"""Job-level guards of a run folder: one writer per model; non-finite training never finishes."""
 
 import glob
 import os
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR, error_lines, run_cli, start_cli
-from inprocess import run_job
 from trainer import layout
 from trainer.errors import NonFiniteLoss
+
+from helpers import MNIST_DIR, error_lines, run_cli, start_cli
+from inprocess import run_job
 
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=64",
         "--max_test_examples=128", "--batch_size=64", "--student=s:alpha=0.5"]

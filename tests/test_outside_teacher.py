@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR
 from trainer import evaluation, idx, losses, teacher_cache
 from trainer.distiller import Distiller
 from trainer.errors import UsageError
 from trainer.outside_teacher import load_teacher
 from trainer.pipeline import normalize_images
+
+from helpers import MNIST_DIR
 
 T = 4.0
 

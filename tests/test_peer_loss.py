@@ -14,11 +14,12 @@ import time
 
 import pytest
 import tensorflow as tf
-
-from helpers import REPO, cli_env, error_lines
 from test_multi_worker import TINY_TEACHER, read_checkpoint_step, start_workers
+
 from trainer import distribution, watchdog
 from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, PeerLost, UsageError
+
+from helpers import REPO, cli_env, error_lines
 
 
 def test_worker_whose_chief_is_killed_exits_4_within_a_bounded_time(tmp_path):

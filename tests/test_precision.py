@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR, run_cli
 from trainer import idx, losses, models
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
-from trainer.runtime import resolve_precision
 from trainer.loop import LoopConfig, TrainingLoop
 from trainer.pipeline import ArrayPipeline, normalize_images
+from trainer.runtime import resolve_precision
+
+from helpers import MNIST_DIR, run_cli
 
 LOW_PRECISION = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 

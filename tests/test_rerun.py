@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from helpers import MNIST_DIR, tree_digest
-from inprocess import run_job
 from trainer import layout, provenance
 from trainer.errors import UsageError
+
+from helpers import MNIST_DIR, tree_digest
+from inprocess import run_job
 
 COMMON = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=256", "--validation_examples=64",
           "--max_test_examples=128", "--teacher_epochs=1", "--student_epochs=1",

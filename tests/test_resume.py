@@ -15,7 +15,6 @@ import time
 
 import keras
 import numpy as np
-import pytest
 
 from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 
@@ -134,7 +133,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(gcs_emulator, tmp_pa
     try:
       # Kills come after this process got a checkpoint into the bucket (what a restart resumes
       # from), so that every attempt makes progress.
-      if how and wait_for(lambda: _uploaded_checkpoints(gcs_emulator) != uploaded, proc):
+      if how and wait_for(lambda before=uploaded: _uploaded_checkpoints(gcs_emulator) != before,
+                          proc):
         if how == "write":
           _kill_during_checkpoint_write(proc, checkpoint_dirs)
         else:

@@ -8,11 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import MNIST_DIR, tree_digest
-from inprocess import run_job
 from trainer import idx, layout
 from trainer.errors import UsageError
 from trainer.pipeline import normalize_images
+
+from helpers import MNIST_DIR, tree_digest
+from inprocess import run_job
 
 SMALL = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=2048", "--validation_examples=256",
          "--max_test_examples=512", "--student_epochs=2", "--batch_size=64"]

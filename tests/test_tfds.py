@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 
+from trainer import data, idx
+
 from helpers import FASHION_MNIST_DIR, MNIST_DIR
 from inprocess import run_job
-from trainer import data, idx
 
 
 def _fingerprint(images, labels):

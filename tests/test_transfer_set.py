@@ -8,10 +8,11 @@ import struct
 import numpy as np
 import pytest
 
-from helpers import MNIST_DIR
 from trainer import idx, transfer_set
 from trainer.errors import UsageError
 from trainer.transfer_set import load_transfer_set
+
+from helpers import MNIST_DIR
 
 Student = collections.namedtuple("Student", "name alpha")
 

@@ -98,8 +98,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "Folder (local or gs://) with the four standard IDX files, .gz or not. When set, "
       "tensorflow-datasets is not used.", flag_values=fv)
   flags.DEFINE_string("teacher_dir", None,
-                      "Where --mode=students finds the trained teacher. Default <model_dir>/teacher.",
-                      flag_values=fv)
+                      "Where --mode=students finds the trained teacher. Default "
+                      "<model_dir>/teacher.", flag_values=fv)
   flags.DEFINE_string(
       "teacher_model", None,
       "A teacher trained elsewhere (local or gs://): a .keras or .h5 file or a SavedModel "

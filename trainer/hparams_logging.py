@@ -34,7 +34,8 @@ HPARAMS = (
               description="softmax temperature of the distillation term"),
     hp.HParam("params", hp.IntInterval(0, 2**31 - 1), description="trainable parameters"),
     hp.HParam("batch_size", hp.IntInterval(1, 2**31 - 1), description="global batch size"),
-    hp.HParam("seed", hp.IntInterval(-2**31, 2**31 - 1), description="initial weights and data order"),
+    hp.HParam("seed", hp.IntInterval(-2**31, 2**31 - 1),
+              description="initial weights and data order"),
 )
 # The hyperparameters that tell the models apart. Marked `differs` in the config, so that the
 # HParams dashboard (which shows 5 columns by default, those that differ first) shows them.

@@ -23,8 +23,21 @@ import numpy as np
 import tensorflow as tf
 
 import trainer
-from trainer import (comparison, distribution, evaluation, layout, lease, model_training, models,
-                     provenance, rerun, results, runtime, teacher_cache, watchdog)
+from trainer import (
+  comparison,
+  distribution,
+  evaluation,
+  layout,
+  lease,
+  model_training,
+  models,
+  provenance,
+  rerun,
+  results,
+  runtime,
+  teacher_cache,
+  watchdog,
+)
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
 from trainer.errors import Preempted, StorageError

@@ -31,8 +31,7 @@ import time
 import uuid
 from typing import Optional, Tuple
 
-from trainer import storage
-from trainer import errors
+from trainer import errors, storage
 from trainer.errors import StorageError
 
 log = logging.getLogger(__name__)

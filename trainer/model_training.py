@@ -13,9 +13,8 @@ from typing import Callable, Optional
 
 import keras
 
+from trainer import comparison, evaluation, hparams_logging, layout, provenance, results, summaries
 from trainer import export as exports
-from trainer import (comparison, evaluation, hparams_logging, layout, provenance, results,
-                     summaries)
 from trainer.errors import Preempted
 from trainer.flags import Settings
 from trainer.loop import LoopConfig, NonFiniteLoss, TrainingLoop

@@ -16,8 +16,8 @@ import tensorflow as tf
 
 from trainer import batch_slices, data, distribution, layout, storage, transfer_set
 from trainer.errors import UsageError
-from trainer.outside_teacher import OutsideTeacher, load_teacher
 from trainer.flags import Settings
+from trainer.outside_teacher import OutsideTeacher, load_teacher
 
 TEACHER = "teacher"
 

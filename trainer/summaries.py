@@ -2,10 +2,10 @@
 
 Train, validation and test use the same tag names (accuracy, cross_entropy) in three runs, so
 TensorBoard draws them on one chart, and every model's runs sit side by side under logs/: the
-teacher's curves appear beside the students' on each chart. Steps are epochs; the final test scalars and
-the confusion matrix are written at the last epoch's step. The folder logs/<model> itself is
-the model's HParams session (see trainer/hparams_logging.py), and the train run also holds the
-model's graph and, with --profile_steps, a profiler trace (train/plugins/profile).
+teacher's curves appear beside the students' on each chart. Steps are epochs; the final test
+scalars and the confusion matrix are written at the last epoch's step. The folder logs/<model>
+itself is the model's HParams session (see trainer/hparams_logging.py), and the train run also
+holds the model's graph and, with --profile_steps, a profiler trace (train/plugins/profile).
 """
 
 import logging
@@ -14,7 +14,6 @@ import os
 import tensorflow as tf
 
 from trainer import figures, hparams_logging
-
 
 # `loss` is what each model minimizes: for a student that includes the distillation term, so it
 # is not comparable with the teacher's. `cross_entropy` is the same quantity for every model.
