@@ -127,8 +127,8 @@ def _default_lost() -> List[str]:
 class GraceDeadline:
   """After SIGTERM, exits with EXIT_PREEMPTED at `seconds` - GRACE_MARGIN_SECONDS at the latest.
 
-  The kubelet sends SIGKILL `terminationGracePeriodSeconds` after SIGTERM (about 25 s on Spot
-  VMs); a process still uploading then would die without a word. This one says instead what
+  The kubelet sends SIGKILL a grace period after SIGTERM (on Spot VMs GKE gives pods only part
+  of the notice: README.md); a process still uploading then would die without a word. This one says instead what
   may be missing from the bucket, so the operator knows which steps the rerun will repeat.
   `pending()` names the uploads still queued when it is known; otherwise the report names the
   last checkpoint written locally, whose upload may not have finished.
