@@ -97,6 +97,22 @@ def test_sizes_and_latencies_are_sane(exported):
     assert json.load(f) == exports
 
 
+def test_a_mixed_precision_network_exports_as_its_float32_self(exported, tmp_path):
+  keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+  try:
+    mixed = models.build_student()
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
+  mixed.set_weights(exported["net"].get_weights())
+  twin = litert_export.float32_network(mixed)
+  assert twin is not mixed and all(l.dtype_policy.name == "float32" for l in twin.layers)
+  assert litert_export.float32_network(exported["net"]) is exported["net"]
+  images = exported["test_images"][:100]
+  float_model = litert_export.convert_float32(twin)
+  keras_classes = exported["net"].predict(images[..., None] / 255.0, verbose=0).argmax(-1)
+  np.testing.assert_array_equal(litert_export.predict_classes(float_model, images), keras_classes)
+
+
 def test_a_failing_conversion_is_recorded_not_raised(tmp_path, caplog):
   """A network the converters cannot take (wrong input shape for the 28x28 contract)."""
   net = keras.Sequential([keras.Input((28, 28, 3)), keras.layers.Flatten(),

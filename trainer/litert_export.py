@@ -65,6 +65,28 @@ def representative_images(train_images: np.ndarray, count: int, seed: int = 0) -
 
 
 # ---- conversion ----
+def _without_policy(config):
+  """A layer config tree with every dtype policy replaced by float32."""
+  if isinstance(config, dict):
+    return {k: ("float32" if k == "dtype" else _without_policy(v)) for k, v in config.items()}
+  if isinstance(config, list):
+    return [_without_policy(v) for v in config]
+  return config
+
+
+def float32_network(net: keras.Model) -> keras.Model:
+  """`net` itself, or for a mixed-precision network its float32 twin with the same weights.
+
+  The weights of a mixed-precision network are float32 already, only its compute is not; the
+  converters and the int8 quantizer take float32 graphs, and the flatbuffers are meant to be the
+  same function whatever precision trained the network."""
+  if all(layer.dtype_policy.compute_dtype == "float32" for layer in net.layers):
+    return net
+  twin = net.__class__.from_config(_without_policy(net.get_config()))
+  twin.set_weights(net.get_weights())
+  return twin
+
+
 def _pixels_archive(net: keras.Model, path: str) -> None:
   """A SavedModel whose signature takes float32 pixel values 0..255 [N,28,28]: what the int8
   converter quantizes, so that its uint8 input means raw pixels (scale 1, zero point 0)."""
@@ -241,6 +263,11 @@ def export_and_measure(net: keras.Model, folder: str, train_images: np.ndarray,
     raise ValueError("measuring exports needs test images")
   calibration = representative_images(train_images, config.representative_examples,
                                       config.seed)
+  try:
+    net = float32_network(net)
+  except Exception as e:  # pylint: disable=broad-except  # the converters may still cope
+    logging.warning("%s: no float32 twin of the network (%s): converting it as it is",
+                    os.path.basename(folder), e)
   exports = {"litert_float32": _measure_flatbuffer(
                  "float32", lambda: convert_float32(net), folder, test_images, test_labels,
                  config),

@@ -213,10 +213,10 @@ def _deployment_lines(summary: dict) -> list:
     return []
   chosen = (summary.get("selection") or {}).get("chosen")
   lines = ["", "## Deployment", "",
-           "Sizes on disk (kB: 1,000 bytes; exact bytes in results.json); LiteRT accuracies measured by running each flatbuffer in the "
-           "interpreter on the test split; latencies in ms as median / p99, LiteRT on one thread "
-           "for one image, the SavedModel's `serving_default` per call at batch 1 and per "
-           "image at batch 256.", "",
+           "Sizes on disk (kB: 1,000 bytes; exact bytes in results.json); LiteRT accuracies "
+           "measured by running each flatbuffer in the interpreter on the test split; latencies "
+           "in ms as median / p99, LiteRT on one thread for one image, the SavedModel's "
+           "`serving_default` per call at batch 1 and per image at batch 256.", "",
            "| model | params | test accuracy (95% CI) | test errors | SavedModel | "
            "LiteRT float32 | LiteRT int8 | int8 test accuracy (errors) | float32 ms | int8 ms | "
            "SavedModel ms, batch 1 | SavedModel ms/image, batch 256 |",
