@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR
 from trainer import export, idx, litert_export, models
+
+from helpers import MNIST_DIR
 
 TEST_EXAMPLES = 500
 CONFIG = litert_export.MeasureConfig(latency_runs=60, warmup_runs=5, serving_runs=20,
@@ -105,7 +106,7 @@ def test_a_mixed_precision_network_exports_as_its_float32_self(exported, tmp_pat
     keras.mixed_precision.set_dtype_policy("float32")
   mixed.set_weights(exported["net"].get_weights())
   twin = litert_export.float32_network(mixed)
-  assert twin is not mixed and all(l.dtype_policy.name == "float32" for l in twin.layers)
+  assert twin is not mixed and all(layer.dtype_policy.name == "float32" for layer in twin.layers)
   assert litert_export.float32_network(exported["net"]) is exported["net"]
   images = exported["test_images"][:100]
   float_model = litert_export.convert_float32(twin)

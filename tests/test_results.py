@@ -9,7 +9,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import comparison, hparams_logging, layout, results, selection
+from trainer import (
+  comparison,
+  data,
+  export,
+  hparams_logging,
+  layout,
+  litert_export,
+  models,
+  results,
+  selection,
+)
+
+from helpers import MNIST_DIR
 
 N_VALIDATION, N_TEST = 300, 400
 RUN_INFO = {"dataset": "idx:made-up", "strategy": "default", "replicas": 1, "tensorflow": "x"}
@@ -239,8 +251,6 @@ def test_smoke_run_has_selection_and_exports(smoke_run):
 
 def test_finish_outputs_writes_what_the_merge_reads(tmp_path):
   """What a finishing model (or --mode=report on an older run) writes from the network alone."""
-  from helpers import MNIST_DIR
-  from trainer import data, export, litert_export, models
   splits = data.load_splits("mnist", idx_dir=MNIST_DIR, validation_examples=200,
                             max_train_examples=300, max_test_examples=100)
   root = str(tmp_path / "run")

@@ -13,8 +13,7 @@ retraining anything. From them it computes, for results.json and results.md:
 import logging
 import os
 
-from trainer import (comparison, evaluation, hparams_logging, layout, litert_export,
-                     selection)
+from trainer import comparison, evaluation, hparams_logging, layout, litert_export, selection
 
 # What the merge reads in <model_dir>/<model>/ besides result.json (a bucket merge pulls these).
 MODEL_FILES = (comparison.PREDICTIONS_FILE, comparison.VALIDATION_PREDICTIONS_FILE,
