@@ -11,16 +11,16 @@ import os  # noqa: E402
 
 import pytest  # noqa: E402
 
-from helpers import FASHION_MNIST_DIR, MNIST_DIR, SMOKE_ARGS  # noqa: E402
-from inprocess import run_job  # noqa: E402
+from helpers import FASHION_MNIST_DIR, MNIST_DIR, SMOKE_ARGS, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
   """A finished default job (teacher + 3 students) on a small real-MNIST subset."""
   model_dir = tmp_path_factory.mktemp("smoke") / "run"
-  summary = run_job([f"--model_dir={model_dir}", *SMOKE_ARGS])
-  return {"model_dir": str(model_dir), "summary": summary, "args": SMOKE_ARGS}
+  proc = run_cli([f"--model_dir={model_dir}", *SMOKE_ARGS])  # a fresh process: its thread
+  assert proc.returncode == 0, proc.stderr[-4000:]  # settings are the job's own (results.json)
+  return {"model_dir": str(model_dir), "stderr": proc.stderr, "args": SMOKE_ARGS}
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ FASHION_MNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fas
 SMOKE_ARGS = [
     f"--idx_dir={MNIST_DIR}", "--max_train_examples=1024", "--validation_examples=256",
     "--max_test_examples=512", "--teacher_epochs=2", "--student_epochs=2", "--batch_size=64",
+    "--latency_runs=20",
 ]
 
 

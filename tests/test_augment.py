@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR
 from trainer import augment, idx
 from trainer.pipeline import normalize_images
+
+from helpers import MNIST_DIR
 
 BATCH = 8
 WARPS = ("shift", "affine", "elastic")
@@ -101,8 +102,9 @@ def test_unknown_kind_is_rejected():
 
 
 def test_the_shipped_recipe_augments_with_the_online_teacher():
-  from helpers import REPO
   from trainer.flags import parse_argv
+
+  from helpers import REPO
   settings = parse_argv(["mnist-distill", f"--flagfile={REPO}/configs/consistent.flags"])
   assert settings.augment != "none" and settings.teacher_logits == "online"
   assert any(s.alpha == 0 for s in settings.students)  # the augmented labels-only control

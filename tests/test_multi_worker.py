@@ -18,13 +18,13 @@ from helpers import MNIST_DIR, REPO, cli_env, run_cli
 
 ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
         "--max_test_examples=256", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
-        "--student=only:alpha=0.5,temperature=4", "--deterministic"]
+        "--student=only:alpha=0.5,temperature=4", "--deterministic", "--nolitert"]
 
 
 # The resume tests: the teacher alone, 24 steps an epoch, a checkpoint every 8 steps.
 TINY_TEACHER = [f"--idx_dir={MNIST_DIR}", "--mode=teacher", "--max_train_examples=1536",
                 "--validation_examples=128", "--max_test_examples=256", "--teacher_epochs=3",
-                "--batch_size=64", "--checkpoint_every_steps=8", "--deterministic"]
+                "--batch_size=64", "--checkpoint_every_steps=8", "--deterministic", "--nolitert"]
 STEPS_PER_EPOCH = 24
 
 

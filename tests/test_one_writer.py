@@ -15,7 +15,7 @@ from helpers import MNIST_DIR, error_lines, run_cli, start_cli
 from inprocess import run_job
 
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=64",
-        "--max_test_examples=128", "--batch_size=64", "--student=s:alpha=0.5"]
+        "--max_test_examples=128", "--batch_size=64", "--student=s:alpha=0.5", "--nolitert"]
 
 
 def test_second_process_on_a_model_exits_5_and_the_first_finishes(tmp_path):

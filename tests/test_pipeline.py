@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import MNIST_DIR
 from trainer import idx
 from trainer.errors import UsageError
 from trainer.pipeline import ArrayPipeline, epoch_order
+
+from helpers import MNIST_DIR
 
 EXAMPLES, BATCH = 300, 32  # 9 full batches an epoch, 12 examples dropped; 18 batches > 16
 
@@ -169,6 +170,7 @@ def test_online_teacher_and_student_see_the_same_augmented_view(arrays):
   """One distillation step on an augmented batch: the logits the loss gets from the teacher and
   the student are those of the batch's augmented images, not of the originals."""
   import keras
+
   from trainer import models
   from trainer.distiller import Distiller
   keras.utils.set_random_seed(0)

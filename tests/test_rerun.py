@@ -13,7 +13,7 @@ from inprocess import run_job
 
 COMMON = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=256", "--validation_examples=64",
           "--max_test_examples=128", "--teacher_epochs=1", "--student_epochs=1",
-          "--batch_size=64"]
+          "--batch_size=64", "--nolitert"]
 STUDENT = "--student=s:alpha=0.5,temperature=4"
 
 

@@ -15,7 +15,8 @@ from helpers import MNIST_DIR, run_cli
 
 ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=1024", "--validation_examples=256",
         "--max_test_examples=256", "--teacher_epochs=1", "--student_epochs=2",
-        "--batch_size=64", "--deterministic", "--student=distilled:alpha=0.5,temperature=4"]
+        "--batch_size=64", "--deterministic", "--student=distilled:alpha=0.5,temperature=4",
+        "--nolitert"]
 
 
 def test_online_and_cached_teacher_logits_give_the_same_student(tmp_path):

@@ -204,6 +204,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "kernels (small kernels spread over all cores waste them on synchronisation). auto: one "
       "slice per available core, at least 16 images each; 1: TensorFlow's default threading.",
       flag_values=fv)
+  # Deployment.
+  flags.DEFINE_bool("litert", True,
+                    "Also export every model as LiteRT float32 and int8 flatbuffers, measured in "
+                    "the interpreter (accuracy, size, latency).", flag_values=fv)
+  flags.DEFINE_integer("latency_runs", 1000,
+                       "Timed single-image runs per LiteRT flatbuffer (p99 needs about 100).",
+                       lower_bound=10, upper_bound=100000, flag_values=fv)
   # Distribution.
   flags.DEFINE_enum("strategy", "auto", STRATEGIES,
                     "auto: multi_worker when TF_CONFIG names several workers, mirrored with "

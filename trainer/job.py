@@ -27,8 +27,10 @@ from trainer import (
   comparison,
   distribution,
   evaluation,
+  hparams_logging,
   layout,
   lease,
+  litert_export,
   model_training,
   models,
   provenance,
@@ -40,7 +42,7 @@ from trainer import (
 )
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
-from trainer.errors import Preempted, StorageError
+from trainer.errors import Preempted, StorageError, UsageError
 from trainer.flags import Settings
 from trainer.model_training import ModelTrainer
 from trainer.runtime import TEACHER
@@ -279,9 +281,46 @@ class Job:
         ok = False
     return ok
 
+  def _backfill_report(self):
+    """--mode=report on a run made before some per-model files existed (validation outputs,
+    LiteRT exports): recomputes them from the finished networks, without training. The data
+    flags must give the test split the models were evaluated on (checked by digest)."""
+    s, rt = self.settings, self.rt
+    for path in sorted(self._finished_in_bucket()):
+      rt.storage.pull(path)
+      for part in results.MODEL_FILES:
+        rt.storage.pull(path.replace(layout.RESULT, part))
+    models = [m for m in results.finished_models(rt.dir) if m.get("trained_here", True)]
+    lacking = {name: [f for f in files if f != litert_export.EXPORTS_FILE or s.litert]
+               for name, files in results.missing_files(rt.dir, models).items()}
+    lacking = {name: files for name, files in lacking.items() if files}
+    if not lacking or not rt.chief:
+      return
+    splits = runtime.load_splits(s)
+    digest = comparison.images_digest(splits.test_images)
+    for name in sorted(lacking):
+      done = results.read_model_result(rt.dir, name)
+      saved = comparison.load_predictions(rt.dir, name)
+      if saved is None or str(saved["test_images_sha256"]) != digest:
+        raise UsageError(f"--mode=report: {name} was tested on other data than the data flags "
+                         "give; pass the run's --idx_dir/--dataset and --max_test_examples")
+      for part in (layout.MODEL_FILE, layout.EXPORT):
+        rt.storage.pull(layout.rel(name, part), exact=True)
+      folder = layout.local(rt.dir, name)
+      net = keras.models.load_model(os.path.join(folder, layout.MODEL_FILE), compile=False)
+      logging.info("--mode=report: computing %s for %s", ", ".join(lacking[name]), name)
+      results.finish_outputs(folder, net, splits, done["test_errors"],
+                             layout.local(rt.dir, layout.LOGS),
+                             (done.get("settings") or {}).get("epochs", 0),
+                             measure=self.trainer.measure(), slices=rt.slices)
+      for part in results.MODEL_FILES + (litert_export.LITERT_DIR,):
+        rt.storage.sync(layout.rel(name, part))
+      rt.storage.sync(layout.rel(layout.logs_rel(name), hparams_logging.DEPLOYMENT_RUN))
+
   def _run_modes(self):
     s = self.settings
     if s.mode == "report":
+      self._backfill_report()
       return
     rerun.check(s, self.rt, self.teacher_record(), self.student_record,
                 self._known_teacher_sha256())

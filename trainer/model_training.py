@@ -13,7 +13,16 @@ from typing import Callable, Optional
 
 import keras
 
-from trainer import comparison, evaluation, hparams_logging, layout, provenance, results, summaries
+from trainer import (
+  comparison,
+  evaluation,
+  hparams_logging,
+  layout,
+  litert_export,
+  provenance,
+  results,
+  summaries,
+)
 from trainer import export as exports
 from trainer.errors import Preempted
 from trainer.flags import Settings
@@ -65,6 +74,14 @@ class ModelTrainer:
   def check_stop(self, name: str) -> None:
     if self.should_stop():
       raise Preempted(f"stopped before training {name}: nothing left to checkpoint")
+
+  def measure(self) -> Optional[litert_export.MeasureConfig]:
+    """How the LiteRT exports are measured; None with --nolitert."""
+    if not self.settings.litert:
+      return None
+    runs = self.settings.latency_runs
+    return litert_export.MeasureConfig(latency_runs=runs, warmup_runs=min(50, runs),
+                                       serving_runs=min(300, runs), batch_runs=min(20, runs))
 
   def _ensure_lease(self, name: str) -> None:
     held = self.leases.get(name)
@@ -174,6 +191,9 @@ class ModelTrainer:
       if export:
         exports.export_saved_model(net, os.path.join(folder, layout.EXPORT))
         exports.save_keras(net, os.path.join(folder, layout.MODEL_FILE))
+        results.finish_outputs(folder, net, splits, report["test_errors"],
+                               layout.local(rt.dir, layout.LOGS), epochs,
+                               measure=self.measure(), slices=rt.slices)
       self._ensure_lease(name)
       layout.write_json(os.path.join(folder, layout.RESULT), result)
       self.sync_logs(name)

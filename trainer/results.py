@@ -117,13 +117,15 @@ def finish_outputs(folder: str, net, splits, test_errors: int, log_root: str, st
   SavedModel must be in <folder>/export already), and logs/<model>/deployment (test_errors:
   the network's errors on splits' test images, for the interval). A finishing model calls it
   before writing its result marker; --mode=report calls it for older models that lack these
-  files (missing_files). Returns the exports."""
+  files (missing_files). `measure` None (--nolitert) skips the exports. Returns the exports."""
   name = os.path.basename(os.path.normpath(folder))
   logits = evaluation.predict_logits(net, splits.validation_images, slices=slices)
   comparison.save_validation_predictions(folder, splits.validation_images,
                                          splits.validation_labels, logits)
-  exports = litert_export.export_and_measure(net, folder, splits.train_images,
-                                             splits.test_images, splits.test_labels, measure)
+  exports = None
+  if measure is not None:
+    exports = litert_export.export_and_measure(net, folder, splits.train_images,
+                                               splits.test_images, splits.test_labels, measure)
   interval = selection.accuracy_interval(test_errors, len(splits.test_labels))
   hparams_logging.write_deployment(log_root, name, step, interval, exports)
   return exports

@@ -122,7 +122,7 @@ def _locate_teacher(s: Settings, run_storage: storage.RunStorage) -> str:
   return local
 
 
-def _load_splits(s: Settings) -> data.Splits:
+def load_splits(s: Settings) -> data.Splits:
   return data.load_splits(
       s.dataset, data_dir=storage.fetch_to_local(s.data_dir) if s.data_dir else None,
       idx_dir=storage.fetch_to_local(s.idx_dir) if s.idx_dir else None,
@@ -161,7 +161,7 @@ def prepare(s: Settings, strategy: Optional[tf.distribute.Strategy] = None,
   if s.mode == "students" and not s.teacher_model:
     teacher_dir = _locate_teacher(s, run_storage)
   if s.mode != "report" and splits is None:
-    splits = _load_splits(s)
+    splits = load_splits(s)
   if splits is not None and len(splits.train_labels) < s.batch_size:
     raise UsageError(f"--batch_size={s.batch_size} is larger than the "
                      f"{len(splits.train_labels)} training examples")
