@@ -2,8 +2,10 @@
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.environ.get("MNIST_DIR") or os.path.join(os.path.dirname(REPO), "shared", "data",
@@ -61,3 +63,24 @@ def start_cli(args, log_path, **env):
 def read(path):
   with open(path) as f:
     return f.read()
+
+
+def free_ports(count):
+  """`count` TCP ports on 127.0.0.1 that were free a moment ago (for worker processes)."""
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def signal_and_wait(target, sig, waiter=None, timeout=120):
+  """Sends `sig` to process `target` and waits for `waiter` (default: `target`) to exit;
+  returns (exit code, seconds it took)."""
+  waiter = target if waiter is None else waiter
+  target.send_signal(sig)
+  sent = time.monotonic()
+  code = waiter.wait(timeout=timeout)
+  return code, time.monotonic() - sent

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,7 +37,7 @@ import yaml
 from trainer import errors
 from trainer.flags import parse_argv
 
-from helpers import MNIST_DIR, cli_env
+from helpers import MNIST_DIR, cli_env, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -632,16 +631,6 @@ def test_tf_config_names_every_jobset_worker(rendered, target, shell, tmp_path, 
   assert port in allowed
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def test_two_workers_train_with_the_tf_config_the_manifest_builds(rendered, tmp_path):
   """The JobSet's own script makes each worker's TF_CONFIG; two local processes train with them.
 
@@ -652,7 +641,7 @@ def test_two_workers_train_with_the_tf_config_the_manifest_builds(rendered, tmp_
   [(_, job)] = _teacher_jobs(docs)
   container = _container(_pod_spec(job), TRAINER)
   workers = job["spec"]["completions"]
-  ports = _free_ports(workers)
+  ports = free_ports(workers)
   model_dir = tmp_path / "run"
   small = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
            "--max_test_examples=256", "--teacher_epochs=1", "--batch_size=64",

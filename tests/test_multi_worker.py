@@ -6,7 +6,7 @@ killed, the survivor exits 4 and a rerun of both resumes to the weights of an un
 
 import json
 import re
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +14,7 @@ import time
 import keras
 import numpy as np
 
-from helpers import MNIST_DIR, REPO, cli_env, run_cli
+from helpers import MNIST_DIR, REPO, cli_env, free_ports, run_cli, signal_and_wait
 
 ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
         "--max_test_examples=256", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
@@ -28,22 +28,12 @@ TINY_TEACHER = [f"--idx_dir={MNIST_DIR}", "--mode=teacher", "--max_train_example
 STEPS_PER_EPOCH = 24
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _weights(path):
   return [np.asarray(w) for w in keras.models.load_model(path, compile=False).get_weights()]
 
 
 def test_two_workers_match_one_process(tmp_path):
-  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
   procs = []
   for index in range(2):
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
@@ -78,7 +68,7 @@ def test_two_workers_match_one_process(tmp_path):
 def start_workers(tmp_path, args, model_dirs=(), tag="run"):
   """Two workers of one cluster (`model_dirs`: one --model_dir each); output in <tag>-N.log.
   Each has a staging disk of its own, <tag>-disk-N, as each pod has (gs:// model_dirs)."""
-  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
   procs, logs = [], []
   for index in range(2):
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
@@ -92,6 +82,22 @@ def start_workers(tmp_path, args, model_dirs=(), tag="run"):
                       MNIST_DISTILL_GCS_RETRY_SECONDS="30"),
           stdout=log, stderr=subprocess.STDOUT))
   return procs, logs
+
+
+def kill_one_when(procs, logs, ready, killed, survivor, timeout=300):
+  """Once `ready()` (the survivor still running), SIGKILLs worker `killed` and waits for worker
+  `survivor`; kills every worker after. Returns (its exit code, seconds it took, its log)."""
+  try:
+    deadline = time.monotonic() + timeout
+    while not ready():
+      assert procs[survivor].poll() is None and time.monotonic() < deadline, \
+          logs[survivor].read_text()[-3000:]
+      time.sleep(0.05)
+    code, waited = signal_and_wait(procs[killed], signal.SIGKILL, waiter=procs[survivor])
+  finally:
+    for p in procs:
+      p.kill()
+  return code, waited, logs[survivor].read_text()
 
 
 def read_checkpoint_step(folder, state=None):
@@ -130,19 +136,8 @@ def test_killed_worker_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(
         if state in gcs_emulator.objects("run/") else 0
 
   procs, logs = start_workers(tmp_path, run, tag="killed")
-  try:
-    deadline = time.monotonic() + 300
-    while uploaded_step() <= STEPS_PER_EPOCH:  # into the second epoch
-      assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
-      time.sleep(0.05)
-    procs[1].kill()
-    killed = time.monotonic()
-    code = procs[0].wait(timeout=120)
-    waited = time.monotonic() - killed
-  finally:
-    for p in procs:
-      p.kill()
-  out = logs[0].read_text()
+  code, waited, out = kill_one_when(procs, logs, lambda: uploaded_step() > STEPS_PER_EPOCH,
+                                    killed=1, survivor=0)  # in the second epoch
   assert code == 4 and "mnist-distill: error: PeerLost:" in out, out[-3000:]
   assert waited < 60, waited
   step = uploaded_step()  # the chief uploaded what it had before exiting

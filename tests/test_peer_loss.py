@@ -14,30 +14,19 @@ import time
 
 import pytest
 import tensorflow as tf
-from test_multi_worker import TINY_TEACHER, read_checkpoint_step, start_workers
+from test_multi_worker import TINY_TEACHER, kill_one_when, read_checkpoint_step, start_workers
 
 from trainer import distribution, watchdog
 from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, PeerLost, UsageError
 
-from helpers import REPO, cli_env, error_lines
+from helpers import REPO, cli_env, error_lines, signal_and_wait
 
 
 def test_worker_whose_chief_is_killed_exits_4_within_a_bounded_time(tmp_path):
   procs, logs = start_workers(tmp_path, [f"--model_dir={tmp_path / 'run'}", *TINY_TEACHER])
-  try:
-    checkpoints = tmp_path / "run" / "teacher" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while read_checkpoint_step(checkpoints) < 1:  # training is under way: collectives run
-      assert procs[1].poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
-      time.sleep(0.05)
-    procs[0].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    code = procs[1].wait(timeout=120)
-    waited = time.monotonic() - killed
-  finally:
-    for p in procs:
-      p.kill()
-  out = logs[1].read_text()
+  checkpoints = tmp_path / "run" / "teacher" / "checkpoints"
+  code, waited, out = kill_one_when(  # once training is under way: collectives run
+      procs, logs, lambda: read_checkpoint_step(checkpoints) >= 1, killed=0, survivor=1)
   assert code == EXIT_PEER_LOST, out[-3000:]
   assert waited < 60, waited  # TensorFlow's heartbeats notice within ~10 s; exit skips teardown
   assert "mnist-distill: error: PeerLost: a peer worker was lost" in out
@@ -148,10 +137,7 @@ def test_a_process_past_its_grace_period_exits_143_before_the_kill_and_says_what
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    code = proc.wait(timeout=30)
-    took = time.monotonic() - sent
+    code, took = signal_and_wait(proc, signal.SIGTERM, timeout=30)
   finally:
     proc.kill()
   assert code == EXIT_PREEMPTED

@@ -16,7 +16,7 @@ import time
 import keras
 import numpy as np
 
-from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
+from helpers import MNIST_DIR, error_lines, read, run_cli, signal_and_wait, start_cli
 
 # 640 training examples in batches of 32: 20 steps an epoch, a checkpoint every 3 steps.
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=640", "--validation_examples=128",
@@ -180,10 +180,7 @@ def test_sigterm_with_the_bucket_down_exits_143_within_the_grace_period_and_says
                     proc), read(tmp_path / "first.log")[-3000:]
     uploaded = gcs_emulator.read("run/teacher/checkpoints/checkpoint").decode()
     gcs_emulator.stop()  # the upload of the SIGTERM checkpoint cannot finish
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    code = proc.wait(timeout=60)
-    took = time.monotonic() - sent
+    code, took = signal_and_wait(proc, signal.SIGTERM, timeout=60)
   finally:
     proc.kill()
     if not gcs_emulator.running:

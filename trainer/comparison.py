@@ -45,13 +45,17 @@ def save_predictions(folder: str, images, labels, predictions) -> None:
                           test_images_sha256=np.array(images_digest(images)))
 
 
-def load_predictions(model_dir: str, name: str):
-  """The saved predictions of a model as a dict of arrays, or None if it has none."""
+def _load_npz(model_dir: str, name: str, filename: str):
   try:
-    with np.load(os.path.join(model_dir, name, PREDICTIONS_FILE)) as data:
+    with np.load(os.path.join(model_dir, name, filename)) as data:
       return {key: data[key] for key in data.files}
   except (OSError, ValueError, KeyError):
     return None
+
+
+def load_predictions(model_dir: str, name: str):
+  """The saved test predictions of a model as a dict of arrays, or None if it has none."""
+  return _load_npz(model_dir, name, PREDICTIONS_FILE)
 
 
 def save_validation_predictions(folder: str, images, labels, logits) -> None:
@@ -70,11 +74,7 @@ def save_validation_predictions(folder: str, images, labels, logits) -> None:
 
 def load_validation_predictions(model_dir: str, name: str):
   """A model's validation_predictions.npz as a dict of arrays, or None if it has none."""
-  try:
-    with np.load(os.path.join(model_dir, name, VALIDATION_PREDICTIONS_FILE)) as data:
-      return {key: data[key] for key in data.files}
-  except (OSError, ValueError, KeyError):
-    return None
+  return _load_npz(model_dir, name, VALIDATION_PREDICTIONS_FILE)
 
 
 def _write_png(folder: str, name: str, png: bytes) -> str:

@@ -56,6 +56,12 @@ def _int8_latency(exports):
   return (entry.get("latency") or {}).get("median_ms")
 
 
+def _load_each(models, model_dir: str, load) -> dict:
+  """{name: load(model_dir, name)} for the models that have that file."""
+  found = {m["name"]: load(model_dir, m["name"]) for m in models}
+  return {name: data for name, data in found.items() if data is not None}
+
+
 def _same_examples(outputs: dict, digest_key: str, split: str) -> dict:
   """Keeps the models whose outputs are on the examples most models saw (by image digest)."""
   digests = {}
@@ -75,24 +81,17 @@ def select(model_dir: str, models: list, level: float = selection.LEVEL):
   students = [m for m in models if m.get("role") == "student"]
   if not students:
     return None
-  validation = {}
-  for m in students:
-    data = comparison.load_validation_predictions(model_dir, m["name"])
-    if data is not None:
-      validation[m["name"]] = data
-  validation = _same_examples(validation, "validation_images_sha256", "validation")
+  validation = _same_examples(_load_each(students, model_dir,
+                                          comparison.load_validation_predictions),
+                              "validation_images_sha256", "validation")
   labels_only = labels_only_student(models)
   competitors = [dict(m, latency_ms=_int8_latency(m.get("exports"))) for m in students]
   choice = selection.choose_student(
       competitors, {name: {"correct": data["correct"], "cross_entropy": data["cross_entropy"]}
                     for name, data in validation.items()},
       labels_only_name=labels_only, level=level)
-  tested = {}
-  for m in students:
-    data = comparison.load_predictions(model_dir, m["name"])
-    if data is not None:
-      tested[m["name"]] = data
-  tested = _same_examples(tested, "test_images_sha256", "test")
+  tested = _same_examples(_load_each(students, model_dir, comparison.load_predictions),
+                          "test_images_sha256", "test")
   choice["test_split"] = selection.paired_report(
       [m["name"] for m in students],
       {name: data["predictions"] == data["labels"] for name, data in tested.items()},
