@@ -98,7 +98,8 @@ class Job:
     with rt.strategy.scope():
       model = Classifier(net)
       model.compile(optimizer=mt.optimizer(s.learning_rate, s.teacher_epochs,
-                                           train.steps_per_epoch), slices=rt.slices)
+                                           train.steps_per_epoch, s.teacher_weight_decay),
+                    slices=rt.slices)
     mt.check_stop(TEACHER)
     record = self.teacher_record()
     trained = mt.train(TEACHER, model, net, train, validation, s.teacher_epochs, record)
@@ -192,7 +193,9 @@ class Job:
     initial = teacher_cache.weights_digest(net)
     mt.check_stop(spec.name)
     with rt.strategy.scope():
-      distiller = Distiller(net, teacher=None if cached_logits else teacher)
+      # A labels-only student needs no teacher forward when it runs online.
+      online = None if cached_logits or spec.alpha == 0 else teacher
+      distiller = Distiller(net, teacher=online)
       distiller.compile(optimizer=mt.optimizer(s.student_learning_rate, s.student_epochs,
                                                train.steps_per_epoch),
                         distillation_weight=spec.alpha, temperature=spec.temperature,

@@ -19,6 +19,7 @@ from trainer import (
   hparams_logging,
   layout,
   litert_export,
+  optimizers,
   provenance,
   results,
   summaries,
@@ -53,13 +54,17 @@ class ModelTrainer:
 
   # ---- inputs ----
   def pipeline(self, images, labels, extras=None) -> ArrayPipeline:
-    return ArrayPipeline(images, labels, self.settings.batch_size, self.rt.replicas, extras)
+    """Batches of the run's global size; --augment applies to training batches only (the
+    pipeline never augments evaluation), and not with cached logits (validation's cached
+    logits belong to the plain images)."""
+    augment = self.settings.augment if extras is None else "none"
+    return ArrayPipeline(images, labels, self.settings.batch_size, self.rt.replicas, extras,
+                         augment=augment)
 
-  def optimizer(self, learning_rate: float, epochs: int, steps_per_epoch: int) -> FusedAdam:
+  def optimizer(self, learning_rate: float, epochs: int, steps_per_epoch: int,
+                weight_decay: float = 0.0) -> FusedAdam:
     """Adam with the learning rate cosine-decayed to 0 over the model's whole training."""
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
-    return FusedAdam(schedule)
+    return optimizers.cosine_adam(learning_rate, epochs * steps_per_epoch, weight_decay)
 
   def seeded(self, build):
     """Builds a network from the run's seed, so that every student starts from the same

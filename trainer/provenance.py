@@ -28,13 +28,14 @@ def digest(record: dict) -> str:
 
 def _common(s: Settings, data: dict, precision: str) -> dict:
   return {"data": data, "seed": s.seed, "batch_size": s.batch_size, "precision": precision,
-          "schedule": SCHEDULE}
+          "schedule": SCHEDULE, "augment": s.augment}
 
 
 def teacher_settings(s: Settings, data: dict, precision: str, extra: Optional[dict] = None) -> dict:
   """The teacher's record; `extra` carries settings that later features add (augmentation...)."""
   return {**_common(s, data, precision), "role": "teacher", "epochs": s.teacher_epochs,
-          "learning_rate": s.learning_rate, **(extra or {})}
+          "learning_rate": s.learning_rate, "weight_decay": s.teacher_weight_decay,
+          **(extra or {})}
 
 
 def student_settings(s: Settings, spec, data: dict, precision: str, teacher_sha256: str,

@@ -1,0 +1,47 @@
+"""Augmentation through the whole job: exact resume after a kill, and the recipe's flags."""
+
+import os
+import signal
+import time
+
+import keras
+import numpy as np
+
+from helpers import MNIST_DIR, run_cli, start_cli
+
+# 640 examples in batches of 32: 20 steps an epoch, a checkpoint every 3 steps.
+ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=640", "--validation_examples=128",
+        "--max_test_examples=256", "--teacher_epochs=2", "--student_epochs=2",
+        "--batch_size=32", "--checkpoint_every_steps=3", "--augment=affine",
+        "--teacher_logits=online", "--student=d:alpha=0.5,temperature=2",
+        "--teacher_weight_decay=1e-4", "--deterministic", "--nolitert"]
+
+
+def _weights(path):
+  return keras.models.load_model(path, compile=False).get_weights()
+
+
+def test_kill_and_resume_with_augmentation_is_bit_exact(tmp_path):
+  reference = tmp_path / "reference"
+  proc = run_cli([f"--model_dir={reference}", *ARGS])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  killed = tmp_path / "killed"
+  proc = start_cli([f"--model_dir={killed}", *ARGS], tmp_path / "first.log")
+  state = killed / "d" / "checkpoints" / "checkpoint"
+  deadline = time.monotonic() + 300
+  while not state.exists():  # the student is under way, past its first checkpoint
+    assert proc.poll() is None and time.monotonic() < deadline, \
+        (tmp_path / "first.log").read_text()[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert not (killed / "d" / "result.json").exists()
+  proc = run_cli([f"--model_dir={killed}", *ARGS])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from" in proc.stderr
+  for name in ("teacher", "d"):
+    for ours, theirs in zip(_weights(killed / name / "model.keras"),
+                            _weights(reference / name / "model.keras"), strict=True):
+      np.testing.assert_array_equal(ours, theirs, err_msg=name)
+  assert os.path.exists(killed / "results.json")
