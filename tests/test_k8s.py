@@ -1284,3 +1284,25 @@ def test_watch_reports_a_failed_run(tmp_path):
   assert _watch(env, "--once").returncode == 1
   env, _ = _fake_kubectl(tmp_path)
   assert _watch(env).returncode == 2  # nothing submitted
+
+
+def test_consistent_recipe_component_parses_and_matches_the_shipped_flagfile(tmp_path,
+                                                                              monkeypatch):
+  """k8s/components/consistent carries configs/consistent.flags line for line, and a pod of
+  the one-Job overlay with it parses into the recipe's settings."""
+  def flag_lines(path):
+    return [line for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+  assert flag_lines(K8S / "components" / "consistent" / "flags.txt") == flag_lines(
+      K8S.parent / "configs" / "consistent.flags")
+  docs = _render_with(tmp_path, """
+      apiVersion: kustomize.config.k8s.io/v1beta1
+      kind: Kustomization
+      resources: [../gke-gpu]
+      components: [../../components/consistent]
+      """)
+  job, = _trainer_jobs(docs)
+  argv, env = container_argv(docs, job, _container(_pod_spec(job), TRAINER), None, tmp_path)
+  settings = parse_in_env(argv, env, monkeypatch)
+  assert (settings.augment, settings.teacher_logits) == ("affine", "online")
+  assert settings.mode == "all" and len(settings.students) == 3
