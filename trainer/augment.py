@@ -146,7 +146,7 @@ def augment_batches(images, kind, seed, epochs, steps, offsets, global_batch):
   check_kind(kind)
   if kind == "none":
     return images
-  rows, count = tf.shape(images)[0], int(images.shape[1])
+  count = int(images.shape[1])
   image_shape = (int(images.shape[2]), int(images.shape[3]))
   elastic = kind == "elastic"
 
