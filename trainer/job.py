@@ -10,39 +10,30 @@ resumes from the bucket alone), and each process syncs only the folders of the m
 (syncs mirror deletions), so Indexed-Job pods can share one model_dir.
 """
 
-import glob
 import logging
 import os
 import signal
-import socket
-import time
 from typing import Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-import trainer
 from trainer import (
-  comparison,
-  distribution,
   evaluation,
-  hparams_logging,
   layout,
   lease,
-  litert_export,
   model_training,
   models,
   provenance,
+  reporting,
   rerun,
-  results,
   runtime,
   teacher_cache,
   watchdog,
 )
 from trainer.classifier import Classifier
 from trainer.distiller import Distiller
-from trainer.errors import Preempted, StorageError, UsageError
+from trainer.errors import Preempted, StorageError
 from trainer.flags import Settings
 from trainer.model_training import ModelTrainer
 from trainer.runtime import TEACHER
@@ -208,55 +199,6 @@ class Job:
                      "teacher_logits": s.teacher_logits, "initial_weights_sha256": initial,
                      "train_set": train_set})
 
-  # ---- the report ----
-  def run_info(self) -> dict:
-    s, rt = self.settings, self.rt
-    return {"dataset": s.dataset if not s.idx_dir else f"idx:{s.idx_dir}",
-            "strategy": distribution.strategy_name(rt.strategy), "replicas": rt.replicas,
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "mnist_distill": trainer.__version__, "precision": rt.precision,
-            "jit_compile": s.jit_compile, "global_batch_size": s.batch_size,
-            "batch_slices": rt.slices, "intra_op_threads": rt.intra_op_threads,
-            "flags": s.flag_dict(),
-            "merged_by": {"host": socket.gethostname(), "pid": os.getpid(), "mode": s.mode,
-                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-
-  def _finished_in_bucket(self) -> set:
-    return {p for p in self.rt.storage.list_remote("")
-            if p.count("/") == 1 and p.endswith("/" + layout.RESULT)}
-
-  def merge_results(self):
-    """Merges every finished model (also those other pods wrote) into results.json.
-
-    Pods finishing at once each upload their own results.json; the last upload wins. So each
-    pod lists the markers again *after* its upload and merges again until that listing adds
-    nothing: whichever upload lands last was followed by a listing equal to its content, and a
-    marker uploaded after that listing would make its own pod upload later still.
-    """
-    rt = self.rt
-    if not rt.chief:
-      return None
-    rt.storage.flush()  # our own markers are in the bucket before we list it
-    merged, summary = None, None
-    while True:
-      markers = self._finished_in_bucket()
-      if markers == merged:
-        return summary
-      for path in sorted(markers):
-        rt.storage.pull(path)
-        rt.storage.pull(path.replace(layout.RESULT, layout.PREDICTIONS))
-      if rt.storage.remote:  # the bucket is the truth: a local-only marker is not a result
-        for path in glob.glob(os.path.join(rt.dir, "*", layout.RESULT)):
-          if os.path.relpath(path, rt.dir).replace(os.sep, "/") not in markers:
-            os.remove(path)
-      summary = results.merge(rt.dir, self.run_info(), figures=comparison.write_report)
-      rt.storage.sync(layout.FIGURES)
-      self.trainer.sync_logs(layout.COMPARISON_RUN)
-      rt.storage.sync(layout.RESULTS_MD)
-      rt.storage.sync(layout.RESULTS_JSON)  # after results.md: results.json marks the run
-      rt.storage.flush()
-      merged = markers
-
   # ---- the whole invocation ----
   def _take_leases(self, names):
     """One writer per model: the chief holds each model's lease until the job ends (workers
@@ -284,46 +226,10 @@ class Job:
         ok = False
     return ok
 
-  def _backfill_report(self):
-    """--mode=report on a run made before some per-model files existed (validation outputs,
-    LiteRT exports): recomputes them from the finished networks, without training. The data
-    flags must give the test split the models were evaluated on (checked by digest)."""
-    s, rt = self.settings, self.rt
-    for path in sorted(self._finished_in_bucket()):
-      rt.storage.pull(path)
-      for part in results.MODEL_FILES:
-        rt.storage.pull(path.replace(layout.RESULT, part))
-    models = [m for m in results.finished_models(rt.dir) if m.get("trained_here", True)]
-    lacking = {name: [f for f in files if f != litert_export.EXPORTS_FILE or s.litert]
-               for name, files in results.missing_files(rt.dir, models).items()}
-    lacking = {name: files for name, files in lacking.items() if files}
-    if not lacking or not rt.chief:
-      return
-    splits = runtime.load_splits(s)
-    digest = comparison.images_digest(splits.test_images)
-    for name in sorted(lacking):
-      done = results.read_model_result(rt.dir, name)
-      saved = comparison.load_predictions(rt.dir, name)
-      if saved is None or str(saved["test_images_sha256"]) != digest:
-        raise UsageError(f"--mode=report: {name} was tested on other data than the data flags "
-                         "give; pass the run's --idx_dir/--dataset and --max_test_examples")
-      for part in (layout.MODEL_FILE, layout.EXPORT):
-        rt.storage.pull(layout.rel(name, part), exact=True)
-      folder = layout.local(rt.dir, name)
-      net = keras.models.load_model(os.path.join(folder, layout.MODEL_FILE), compile=False)
-      logging.info("--mode=report: computing %s for %s", ", ".join(lacking[name]), name)
-      results.finish_outputs(folder, net, splits, done["test_errors"],
-                             layout.local(rt.dir, layout.LOGS),
-                             (done.get("settings") or {}).get("epochs", 0),
-                             measure=self.trainer.measure(), slices=rt.slices)
-      for part in results.MODEL_FILES + (litert_export.LITERT_DIR,):
-        rt.storage.sync(layout.rel(name, part))
-      rt.storage.sync(layout.rel(layout.logs_rel(name), hparams_logging.DEPLOYMENT_RUN))
-
   def _run_modes(self):
     s = self.settings
     if s.mode == "report":
-      self._backfill_report()
+      reporting.backfill(s, self.rt, self.trainer.measure())
       return
     rerun.check(s, self.rt, self.teacher_record(), self.student_record,
                 self._known_teacher_sha256())
@@ -345,7 +251,7 @@ class Job:
     try:
       self.prepare()
       self._run_modes()
-      summary = self.merge_results()
+      summary = reporting.merge(self.settings, self.rt, self.trainer.sync_logs)
     except BaseException as e:
       # Upload what is queued (e.g. the SIGTERM checkpoint) before the process exits; the
       # original error stays the one reported.
