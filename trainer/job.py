@@ -149,6 +149,7 @@ class Job:
     if s.mode == "students":
       folder = rt.teacher_dir
     elif s.mode == "all" and "teacher" not in s.retrain:
+      rt.storage.pull(layout.result_rel(TEACHER), exact=True)  # a fresh disk: ask the bucket
       folder = layout.local(rt.dir, TEACHER)
     else:
       return None

@@ -60,8 +60,11 @@ def differences(old: dict, new: dict, prefix: str = "") -> list:
 
 
 def _short(value) -> str:
+  """A value as the one-line refusal shows it: digests cut to 12 characters."""
   text = json.dumps(value, sort_keys=True)
-  return text if len(text) <= 24 else text[:12] + "…"
+  if len(text) > 60:
+    return text[:12] + "…" if isinstance(value, str) and " " not in value else text[:57] + "…"
+  return text
 
 
 def check_same(name: str, what: str, recorded: Optional[dict], expected: dict) -> None:

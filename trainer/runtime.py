@@ -123,11 +123,14 @@ def _locate_teacher(s: Settings, run_storage: storage.RunStorage) -> str:
 
 
 def load_splits(s: Settings) -> data.Splits:
-  return data.load_splits(
+  """The task's splits; their source names the flag's location (a bucket URL, not the staging
+  copy it was fetched to), so that reruns on another disk record the same data."""
+  splits = data.load_splits(
       s.dataset, data_dir=storage.fetch_to_local(s.data_dir) if s.data_dir else None,
       idx_dir=storage.fetch_to_local(s.idx_dir) if s.idx_dir else None,
       validation_examples=s.validation_examples, max_train_examples=s.max_train_examples,
       max_test_examples=s.max_test_examples)
+  return dataclasses.replace(splits, source=f"idx:{s.idx_dir}") if s.idx_dir else splits
 
 
 def prepare(s: Settings, strategy: Optional[tf.distribute.Strategy] = None,
@@ -168,9 +171,10 @@ def prepare(s: Settings, strategy: Optional[tf.distribute.Strategy] = None,
   given_teacher = transfer = None
   if s.mode in ("all", "students"):
     if s.teacher_model:
-      given_teacher = load_teacher(
+      given_teacher = dataclasses.replace(load_teacher(
           storage.fetch_to_local(s.teacher_model, flag_name="--teacher_model"),
-          s.teacher_input_range, probe_images=splits.validation_images[:32])
+          s.teacher_input_range, probe_images=splits.validation_images[:32]),
+          source=s.teacher_model)  # the user's location, not the staging copy
       logging.info("Teacher: %s", given_teacher.description)
     transfer = _load_transfer(s)
   return Runtime(storage=run_storage, log_mirror=log_mirror, checkpoint_mirror=checkpoint_mirror,
