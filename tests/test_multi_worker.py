@@ -18,13 +18,15 @@ from helpers import MNIST_DIR, REPO, cli_env, free_ports, run_cli, signal_and_wa
 
 ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
         "--max_test_examples=256", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
-        "--student=only:alpha=0.5,temperature=4", "--deterministic", "--nolitert"]
+        "--student=only:alpha=0.5,temperature=4", "--deterministic",
+        "--nolitert", "--lease_ttl_seconds=4"]
 
 
 # The resume tests: the teacher alone, 24 steps an epoch, a checkpoint every 8 steps.
 TINY_TEACHER = [f"--idx_dir={MNIST_DIR}", "--mode=teacher", "--max_train_examples=1536",
                 "--validation_examples=128", "--max_test_examples=256", "--teacher_epochs=3",
-                "--batch_size=64", "--checkpoint_every_steps=8", "--deterministic", "--nolitert"]
+                "--batch_size=64", "--checkpoint_every_steps=8", "--deterministic",
+                "--nolitert", "--lease_ttl_seconds=4"]
 STEPS_PER_EPOCH = 24
 
 

@@ -21,7 +21,8 @@ from helpers import MNIST_DIR, error_lines, read, run_cli, signal_and_wait, star
 # 640 training examples in batches of 32: 20 steps an epoch, a checkpoint every 3 steps.
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=640", "--validation_examples=128",
         "--max_test_examples=256", "--teacher_epochs=2", "--student_epochs=2", "--batch_size=32",
-        "--checkpoint_every_steps=3", "--student=d:alpha=0.5,temperature=2", "--nolitert"]
+        "--checkpoint_every_steps=3", "--student=d:alpha=0.5,temperature=2",
+        "--nolitert", "--lease_ttl_seconds=4"]
 STEPS_PER_EPOCH = 20
 MODELS = ("teacher", "d")
 

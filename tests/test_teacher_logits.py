@@ -1,9 +1,11 @@
 """--teacher_logits=cached and --teacher_logits=online train the very same students.
 
 tests/test_distiller.py shows both give the same loss and gradients on one batch; this runs
-the whole job both ways. With --deterministic the two runs train bit-identical teachers, the
-cached logits (computed once, in batches of 1000) equal the ones the teacher gives inside each
-training step (batches of 64) on this CPU, and so the students' weights are identical.
+the whole job both ways. With --deterministic the two runs train bit-identical teachers. The
+cached logits (computed once, by an inference graph) and the ones the teacher gives inside each
+training step (the training graph) agree to float rounding, which on some CPUs is not bit for
+bit (seen on this project's 2-core machine in 2026-12, also at the commit that asserted
+bit-identity): the students agree to that rounding, accumulated over their steps.
 """
 
 import json
@@ -32,10 +34,15 @@ def test_online_and_cached_teacher_logits_give_the_same_student(tmp_path):
                      for name in ("teacher", "distilled")}
   assert not (tmp_path / "online" / "teacher_logits").exists()  # online never caches
   assert (tmp_path / "cached" / "teacher_logits").is_dir()
-  for name in ("teacher", "distilled"):
-    for cached, online in zip(weights["cached"][name], weights["online"][name]):
-      np.testing.assert_array_equal(cached, online, err_msg=name)
+  for cached, online in zip(weights["cached"]["teacher"], weights["online"]["teacher"],
+                            strict=True):
+    np.testing.assert_array_equal(cached, online, err_msg="teacher")
+  for cached, online in zip(weights["cached"]["distilled"], weights["online"]["distilled"],
+                            strict=True):  # 32 steps apart by rounding only
+    np.testing.assert_allclose(cached, online, rtol=1e-3, atol=1e-4, err_msg="distilled")
   assert summaries["cached"]["distilled"]["teacher_logits"] == "cached"
   assert summaries["online"]["distilled"]["teacher_logits"] == "online"
-  for field in ("test_accuracy", "test_loss", "validation_loss"):
-    assert summaries["cached"]["distilled"][field] == summaries["online"]["distilled"][field]
+  cached, online = summaries["cached"]["distilled"], summaries["online"]["distilled"]
+  assert abs(cached["test_errors"] - online["test_errors"]) <= 1
+  for field in ("test_loss", "validation_loss"):
+    assert abs(cached[field] - online[field]) <= 1e-3 * abs(cached[field]), field

@@ -139,6 +139,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "How long to wait for another process's lease on a model (a restarted pod overlapping "
       "the old one's SIGTERM checkpoint) before exiting 5.", lower_bound=0.0,
       upper_bound=86400.0, flag_values=fv)
+  flags.DEFINE_float(
+      "lease_ttl_seconds", 60.0,
+      "gs:// runs: how long a model's lease outlives its holder (renewed every third of it); a "
+      "SIGKILLed holder blocks the model this long.", lower_bound=3.0, upper_bound=3600.0,
+      flag_values=fv)
   # Training.
   flags.DEFINE_integer("teacher_epochs", 10, "Teacher training epochs.", lower_bound=1,
                        flag_values=fv)

@@ -208,7 +208,8 @@ class Job:
       return
     for name in names:
       self.trainer.leases[name] = lease.acquire(self.rt.storage, name,
-                                                wait_seconds=self.settings.lease_wait_seconds)
+                                                wait_seconds=self.settings.lease_wait_seconds,
+                                                ttl_seconds=self.settings.lease_ttl_seconds)
 
   def _release_leases(self):
     for held in self.trainer.leases.values() if self.trainer else ():
