@@ -9,9 +9,9 @@ import numpy as np
 
 from helpers import MNIST_DIR, run_cli, start_cli
 
-# 640 examples in batches of 32: 20 steps an epoch, a checkpoint every 3 steps.
-ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=640", "--validation_examples=128",
-        "--max_test_examples=256", "--teacher_epochs=2", "--student_epochs=2",
+# 384 examples in batches of 32: 12 steps an epoch, a checkpoint every 3 steps.
+ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=384", "--validation_examples=128",
+        "--max_test_examples=128", "--teacher_epochs=1", "--student_epochs=2",
         "--batch_size=32", "--checkpoint_every_steps=3", "--augment=affine",
         "--teacher_logits=online", "--student=d:alpha=0.5,temperature=2",
         "--teacher_weight_decay=1e-4", "--deterministic", "--nolitert"]

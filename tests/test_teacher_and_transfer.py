@@ -104,11 +104,11 @@ def test_bad_teachers_exit_2_with_nothing_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def half_unlabeled(tmp_path_factory):
-  """Half of the first 12,000 MNIST training images (CI-sized; the README measures a half of
+  """Half of the first 8,000 MNIST training images (CI-sized; the README measures a half of
   the whole split), written as an images-only IDX transfer set."""
   images, _ = idx.load_split(MNIST_DIR, "train")
   folder = tmp_path_factory.mktemp("transfer")
-  _write_idx(folder / "half-images-idx3-ubyte.gz", images[:6000], idx.IMAGES_MAGIC)
+  _write_idx(folder / "half-images-idx3-ubyte.gz", images[:4000], idx.IMAGES_MAGIC)
   return str(folder)
 
 
@@ -118,11 +118,11 @@ def test_unlabeled_transfer_set_trains_an_alpha_1_student(keras_teacher, half_un
                      f"--teacher_model={keras_teacher['keras']}",
                      f"--transfer_idx_dir={half_unlabeled}", "--student=t:alpha=1"])
   student = summary["models"][1]
-  assert student["train_set"] == {"source": f"idx:{half_unlabeled}", "examples": 6000,
+  assert student["train_set"] == {"source": f"idx:{half_unlabeled}", "examples": 4000,
                                   "labelled": False,
                                   "images_sha256": student["train_set"]["images_sha256"]}
   assert student["test_accuracy"] > 0.8  # learned from the teacher alone
-  assert student["settings"]["train_set"]["examples"] == 6000
+  assert student["settings"]["train_set"]["examples"] == 4000
   caches = os.listdir(f"{tmp_path}/run/{layout.LOGITS_CACHE}")
   key = layout.read_json(f"{tmp_path}/run/{layout.LOGITS_CACHE}/{caches[0]}/key.json")
   assert key["train_source"] == f"idx:{half_unlabeled}"
