@@ -22,7 +22,7 @@ from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
 # 256 training examples in batches of 32: 8 steps an epoch.
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=256", "--validation_examples=128",
         "--max_test_examples=256", "--teacher_epochs=2", "--student_epochs=2", "--batch_size=32",
-        "--nolitert", "--lease_ttl_seconds=4"]
+        "--nolitert"]
 STUDENTS = ["--student=a:alpha=0", "--student=b:alpha=0.5,temperature=2"]
 MODEL_FILES = ("checkpoints/checkpoint", "export/saved_model.pb", "model.keras", "result.json")
 
