@@ -67,6 +67,7 @@ class Job:
     self._overrides = dict(strategy=strategy, run_storage=storage, splits=splits)
     self.rt: Optional[runtime.Runtime] = None
     self.trainer: Optional[ModelTrainer] = None
+    self._data = None
 
   def prepare(self) -> runtime.Runtime:
     self.rt = runtime.prepare(self.settings, **self._overrides)
@@ -113,18 +114,24 @@ class Job:
                 extra={"weights_sha256": given.sha256, **given.record()}, export=False)
     return given.model
 
+  def _data_record(self) -> dict:
+    """The splits' digests, hashed once per job (every model's record names them)."""
+    if self._data is None:
+      self._data = self.rt.splits.record()
+    return self._data
+
   def teacher_record(self) -> dict:
     rt = self.rt
     if rt.outside_teacher is not None:
-      return {"role": "teacher", "data": rt.splits.record(), **rt.outside_teacher.record()}
-    return provenance.teacher_settings(self.settings, rt.splits.record(), rt.precision)
+      return {"role": "teacher", "data": self._data_record(), **rt.outside_teacher.record()}
+    return provenance.teacher_settings(self.settings, self._data_record(), rt.precision)
 
   def student_record(self, spec, teacher_sha256: str) -> dict:
     rt = self.rt
     extra = {"train_set": self._train_set()[2]}
     if rt.outside_teacher is not None:
       extra["teacher"] = rt.outside_teacher.record()
-    return provenance.student_settings(self.settings, spec, rt.splits.record(), rt.precision,
+    return provenance.student_settings(self.settings, spec, self._data_record(), rt.precision,
                                        teacher_sha256, extra)
 
   def _train_set(self):
