@@ -10,4 +10,6 @@ export PATH="$venv/bin:$PATH"
 export MNIST_DIR=${MNIST_DIR:-$(cd "$repo/.." && pwd)/shared/data/mnist}
 # Style first: it takes a second and names the line.
 "$venv/bin/ruff" check --quiet .
-exec "$venv/bin/python" -m pytest "$@"
+# Two workers: one process leaves a core idle while it waits on subprocesses, sleeps and I/O
+# (tests/conftest.py decides what runs together). MNIST_DISTILL_TEST_WORKERS=0 runs serially.
+exec "$venv/bin/python" -m pytest -n "${MNIST_DISTILL_TEST_WORKERS:-2}" "$@"

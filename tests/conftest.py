@@ -41,3 +41,41 @@ def tfds_data_dir(tmp_path_factory):
         download_config=tfds.download.DownloadConfig(manual_dir=folder, register_checksums=True))
     assert builder.is_prepared()
   return data_dir
+
+
+
+# The suite runs on two pytest-xdist workers (scripts/test.sh: -n 2): much of it waits on
+# subprocesses, sleeps and I/O, and one process leaves a core idle. Each module is one unit of
+# work, so that its module fixtures are built once; modules sharing a costly session fixture form
+# one unit, so that it is built once too. Units are handed out longest first (measured on a
+# 2-core machine), which keeps the two workers' shares even. (xdist's own --dist=loadgroup
+# cannot do this under pytest 9.2: it renames item._nodeid, which pytest no longer reads.)
+_SHARED_FIXTURE_UNITS = {"test_job": "smoke_run", "test_results": "smoke_run",
+                         "test_tensorboard": "smoke_run", "test_tfds": "tfds",
+                         "test_transfer_set": "tfds"}
+_LONGEST_FIRST = ("smoke_run", "test_bucket_job", "tfds", "test_multi_worker", "test_resume",
+                  "test_image", "test_benchmark", "test_precision", "test_augment_job",
+                  "test_k8s", "test_rerun", "test_report_mode", "test_distribution",
+                  "test_teacher_and_transfer", "test_one_writer", "test_teacher_logits",
+                  "test_peer_loss")
+
+
+def _unit(nodeid: str) -> str:
+  module = os.path.splitext(os.path.basename(nodeid.split("::", 1)[0]))[0]
+  return _SHARED_FIXTURE_UNITS.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable otherwise
+
+
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ByUnit(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return _unit(nodeid)
+
+  config.option.loadscopereorder = False  # keep the longest-first order above
+  return ByUnit(config, log)

@@ -196,8 +196,10 @@ def test_an_outage_mid_run_is_ridden_out(gcs_emulator, tmp_path):
 
 
 def test_a_bucket_that_stays_down_exits_3_and_a_rerun_completes(gcs_emulator, tmp_path):
+  # The lease outlives the 3 s of retries (so the storage error, 3, ends the job, not a lost
+  # lease, 5) but not by much: the rerun waits for it to expire.
   args = [f"--model_dir={gcs_emulator.url('run')}", "--mode=teacher", *TINY,
-          "--teacher_epochs=4", "--checkpoint_every_steps=2"]
+          "--teacher_epochs=4", "--checkpoint_every_steps=2", "--lease_ttl_seconds=20"]
   env = {"MNIST_DISTILL_STAGING": str(tmp_path / "disk"), "MNIST_DISTILL_GCS_RETRY_SECONDS": "3"}
   proc = start_cli(args, tmp_path / "job.log", **env)
   try:

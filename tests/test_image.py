@@ -37,7 +37,7 @@ CACHE_TAG = "localhost/mnist-distill-test:cache"
 SMOKE_ARGS = [
     "--idx_dir=/data/mnist", "--max_train_examples=512", "--max_test_examples=256",
     "--validation_examples=128", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
-    "--model_dir=/out",
+    "--model_dir=/out", "--latency_runs=20",
 ]
 MODELS = {"teacher", "labels_only", "teacher_only", "distilled"}
 SCRIPTS = ["scripts/build_image.sh", "scripts/push_image.sh", "scripts/container_tool.sh",
