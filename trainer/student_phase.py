@@ -25,6 +25,15 @@ class StudentPhase:
                known_teacher_sha256: Callable[[], Optional[str]]):
     self.settings, self.rt, self.trainer = settings, rt, trainer
     self.data_record, self.known_teacher_sha256 = data_record, known_teacher_sha256
+    self._teacher_sha256 = None
+
+  def _teacher_digest(self, teacher) -> str:
+    """The digest of the teacher every student of this invocation learns from; found once
+    (it may mean a bucket read and hashing the teacher's weights), not once per student."""
+    if self._teacher_sha256 is None:
+      self._teacher_sha256 = (self.known_teacher_sha256()
+                              or teacher_cache.weights_digest(teacher))
+    return self._teacher_sha256
 
   def train_set(self):
     """(images, labels, record) the students learn from: the transfer set when one is given
@@ -78,8 +87,7 @@ class StudentPhase:
                                                train.steps_per_epoch),
                         distillation_weight=spec.alpha, temperature=spec.temperature,
                         slices=rt.slices)
-    record = self.record(spec, self.known_teacher_sha256()
-                         or teacher_cache.weights_digest(teacher))
+    record = self.record(spec, self._teacher_digest(teacher))
     trained = mt.train(spec.name, distiller, net, train, validation, s.student_epochs, record)
     mt.finish(spec.name, net, "student", trained, s.student_epochs, record,
               extra={"alpha": spec.alpha, "temperature": spec.temperature,
