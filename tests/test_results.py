@@ -98,13 +98,15 @@ def test_merge_reports_a_choice_it_cannot_make_with_confidence(run_dir):
   choice = summary["selection"]
   # teacher_only has the widest margins, hence the lowest validation cross-entropy ...
   assert choice["leader"] == "teacher_only" and choice["criterion"] == "validation_cross_entropy"
-  # ... but 4-6 validation errors in 300 are indistinguishable: chosen by name
-  assert choice["significant"] is False and choice["tie_break"] == "name"
-  assert choice["chosen"] == "distilled" and choice["labels_only"] == "labels_only"
-  assert choice["p_value_vs_labels_only"] == 0.5  # 2 disagreements, both one way
-  assert choice["p_values"] == {"teacher_only": 1.0, "labels_only": 0.5}
+  # ... but 4-6 validation errors in 300 are indistinguishable: not a win, and with equal
+  # parameters and latencies the tie-break falls back to that lowest cross-entropy
+  assert choice["significant"] is False
+  assert choice["tie_break"] == "lowest validation cross-entropy"
+  assert choice["chosen"] == "teacher_only" and choice["labels_only"] == "labels_only"
+  assert choice["p_value_vs_labels_only"] == 1.0  # 1 disagreement
+  assert choice["p_values"] == {"distilled": 1.0, "labels_only": 1.0}
   assert choice["test_split"]["used_for_choice"] is False
-  assert choice["test_split"]["p_values"]["labels_only"] == 2 / 16  # 4 vs 0
+  assert choice["test_split"]["p_values"]["labels_only"] == 2 / 32  # 5 vs 0
   for model in summary["models"]:
     interval = model["test_accuracy_interval"]
     assert interval["lower"] < model["test_accuracy"] < interval["upper"] <= 1
@@ -112,10 +114,11 @@ def test_merge_reports_a_choice_it_cannot_make_with_confidence(run_dir):
     assert model["exports"]["litert_int8"]["bytes"] == 37_552
   markdown = _read(run_dir, "results.md")
   assert "Best student by validation accuracy" not in markdown
-  assert ("Chosen student: **distilled**, by the tie-break (name): no difference between the "
-          "students is significant on validation") in markdown
+  assert ("Chosen student: **teacher_only**, by the tie-break (lowest validation "
+          "cross-entropy): no difference between the students is significant on validation"
+          ) in markdown
   assert "never used for the choice" in markdown
-  assert "| **distilled** (chosen) | 28,226 |" in markdown  # the deployment table
+  assert "| **teacher_only** (chosen) | 28,226 |" in markdown  # the deployment table
   assert "| 118.4 kB | 37.6 kB | 98.75% (5) | 0.030 / 0.050 | 0.080 / 0.500 |" in markdown
   assert "| 297.3 kB | 118.4 kB |" in markdown
 
@@ -163,21 +166,22 @@ def test_failed_and_missing_exports_are_reported(run_dir):
   summary = results.merge(run_dir, RUN_INFO)
   assert summary["selection"]["missing"] == ["distilled"]  # not chosen without its outputs
   # teacher_only leads but does not beat labels_only (p = 1); latency unknown for labels_only
-  assert summary["selection"]["chosen"] == "labels_only"
-  assert summary["selection"]["tie_break"] == "name"
+  assert summary["selection"]["chosen"] == "teacher_only"
+  assert summary["selection"]["tie_break"] == "lowest validation cross-entropy"
+  assert "latency not known for all of them" in summary["selection"]["why"]
   markdown = _read(run_dir, "results.md")
   assert "Left out (no validation outputs): distilled." in markdown
   assert "labels_only litert_int8: RuntimeError: quantizer said no" in markdown
   row = next(line for line in markdown.splitlines()
-             if line.startswith("| **labels_only** (chosen) | 28,226"))
+             if line.startswith("| labels_only | 28,226"))
   assert "| failed |" in row
 
 
 def test_figures_are_drawn_for_the_chosen_student(run_dir):
   summary = results.merge(run_dir, RUN_INFO, figures=comparison.write_report)
   titles = [f["title"] for f in summary["figures"]]
-  # distilled's 5 test errors, of which the teacher (wrong on 0-2) gets 2 right
-  assert "distilled (the chosen student) wrong, teacher right: 2 test digits" in titles
+  # teacher_only's 4 test errors, of which the teacher (wrong on 0-2) gets 1 right
+  assert "teacher_only (the chosen student) wrong, teacher right: 1 test digit" in titles
   assert os.path.isfile(os.path.join(run_dir, "figures", "best_student_errors.png"))
 
 

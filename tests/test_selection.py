@@ -77,21 +77,22 @@ def test_accuracy_interval_holds_the_accuracy_and_shrinks_with_examples():
 
 
 # ---- the choice ----
-def test_no_significant_difference_falls_to_the_tie_break_by_name():
-  validation = {"zeta": _outcomes(wrong=[0, 1], ce=0.05),  # lowest cross-entropy
+def test_no_significant_difference_falls_to_the_lowest_cross_entropy_not_the_name():
+  validation = {"zeta": _outcomes(wrong=[0, 1], ce=0.05),  # lowest cross-entropy, last name
                 "beta": _outcomes(wrong=[0, 1, 2], ce=0.08),
                 "alpha": _outcomes(wrong=[0, 1, 3, 4], ce=0.09)}
   models = [_student("zeta"), _student("beta"), _student("alpha"),
             _student("teacher", role="teacher", params=1_144_074)]
   chosen = selection.choose_student(models, validation, labels_only_name="alpha")
-  assert chosen["leader"] == "zeta" and chosen["chosen"] == "alpha"
-  assert chosen["significant"] is False and chosen["tie_break"] == "name"
+  assert chosen["leader"] == "zeta" and chosen["chosen"] == "zeta"
+  assert chosen["significant"] is False
+  assert chosen["tie_break"] == "lowest validation cross-entropy"
   assert chosen["candidates"] == ["zeta", "beta", "alpha"]  # ranked by cross-entropy
-  # zeta vs beta: 1 disagreement, p = 1; zeta vs alpha: 0 vs 2, p = 0.5
-  assert chosen["p_values"] == {"zeta": 0.5, "beta": 1.0}  # the chosen alpha vs the others
-  assert chosen["p_value_vs_labels_only"] is None  # alpha *is* the labels-only student
+  # zeta vs beta: 1 disagreement, p = 1; zeta vs alpha: 2 vs 0, p = 0.5
+  assert chosen["p_values"] == {"beta": 1.0, "alpha": 0.5}  # the chosen zeta vs the others
+  assert chosen["p_value_vs_labels_only"] == 0.5
   assert "No difference is significant" in chosen["why"]
-  assert "by name, alpha" in chosen["why"]
+  assert "by the lowest validation cross-entropy among them, zeta (0.0500)" in chosen["why"]
   assert [r["name"] for r in chosen["ranking"]] == ["zeta", "beta", "alpha"]
   assert chosen["ranking"][0]["validation_cross_entropy"] == pytest.approx(0.05)
   assert chosen["validation_examples"] == N
@@ -116,7 +117,7 @@ def test_all_equal_students():
   assert chosen["leader"] == "a" and chosen["chosen"] == "a"  # equal criterion: by name
   assert chosen["p_values"] == {"b": 1.0, "c": 1.0}  # zero disagreements
   assert all(pair["a_only_correct"] == pair["b_only_correct"] == 0 for pair in chosen["pairs"])
-  assert chosen["tie_break"] == "name" and not chosen["significant"]
+  assert chosen["tie_break"] == "lowest validation cross-entropy" and not chosen["significant"]
 
 
 def test_tie_break_fewest_parameters_then_fastest():
@@ -128,11 +129,11 @@ def test_tie_break_fewest_parameters_then_fastest():
       [_student("a", latency_ms=1.0), _student("b", latency_ms=0.5), _student("c", latency_ms=2.0)],
       validation)
   assert faster["chosen"] == "b" and faster["tie_break"] == "fastest"
-  # within the 20% margin latencies are timing noise: the name decides between a and b
+  # within the 20% margin latencies are timing noise: the lower cross-entropy decides
   close = selection.choose_student(
       [_student("a", latency_ms=0.55), _student("b", latency_ms=0.5),
        _student("c", latency_ms=2.0)], validation)
-  assert close["chosen"] == "a" and close["tie_break"] == "name"
+  assert close["chosen"] == "a" and close["tie_break"] == "lowest validation cross-entropy"
   assert "2 run within 20% of the fastest" in close["why"]
 
 
@@ -153,8 +154,15 @@ def test_a_student_more_accurate_than_the_leader_is_not_dropped():
                 "accurate": _outcomes(wrong=[], ce=0.02)}
   chosen = selection.choose_student([_student("lowce"), _student("accurate")], validation)
   assert chosen["leader"] == "lowce" and chosen["candidates"] == ["lowce", "accurate"]
-  assert chosen["chosen"] == "accurate"  # by name among the two
+  # 12 vs 0 disagreements (p = 2/4096): the leader by cross-entropy is outdone in accuracy
+  assert chosen["chosen"] == "accurate"
+  assert chosen["tie_break"] == "lowest validation cross-entropy"
   assert "criteria disagree" in chosen["why"]
+  assert "lowce is significantly less accurate than accurate" in chosen["why"]
+  # reversed names: the rule does not lean on them
+  renamed = {"a_lowce": validation["lowce"], "z_accurate": validation["accurate"]}
+  again = selection.choose_student([_student("a_lowce"), _student("z_accurate")], renamed)
+  assert again["chosen"] == "z_accurate"
 
 
 def test_without_students_or_outputs():

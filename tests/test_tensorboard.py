@@ -191,7 +191,7 @@ def test_comparison_images_and_figures(smoke_run):
     assert step == 0 and image.shape[:2] == (height, width) and width >= 400, tag
   titles = [f["title"] for f in summary["figures"]]
   assert (f"{best['name']} (the chosen student) wrong, teacher right: "
-          f"{expected} test digits") in titles
+          f"{expected} test digit{'' if expected == 1 else 's'}") in titles
   with open(f"{root}/results.md") as f:
     markdown = f.read()
   assert f"Chosen student: **{best['name']}**" in markdown

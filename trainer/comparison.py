@@ -99,7 +99,7 @@ def _student_errors_figure(model_dir, models, chosen):
   wrong = s["error_indices"][teacher_right]
   images = s["error_images"][teacher_right]
   title = (f"{student['name']} (the chosen student) wrong, "
-           f"{teacher['name']} right: {len(wrong)} test digits")
+           f"{teacher['name']} right: {len(wrong)} test digit{'' if len(wrong) == 1 else 's'}")
   caption = "label\u2192student's prediction"
   if len(wrong) > figures.MAX_DIGITS:
     caption += f"; first {figures.MAX_DIGITS} shown"

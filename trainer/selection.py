@@ -6,7 +6,9 @@ ranked by their mean validation cross-entropy with the true labels (every exampl
 graded amount, not one bit), and the leader's accuracy is then tested against each other
 student's with McNemar's exact test on the same examples. A student the leader does not beat
 significantly stays in the running, and the choice among those left is made by a stated
-tie-break (fewest parameters, then fastest, then name) instead of by the noise.
+tie-break (fewest parameters, then fastest) instead of by the noise; only when neither
+separates them does the lower cross-entropy decide, as the best estimate there is (the name,
+arbitrary, would waste it).
 
 The test split never enters the choice: `choose_student` takes validation outputs only, and
 `paired_report` runs the same tests on the test split for the report alone.
@@ -26,7 +28,7 @@ CRITERION = "validation_cross_entropy"
 CRITERION_DESCRIPTION = ("mean cross-entropy with the true labels on the validation split "
                          "(lower is better)")
 TEST = "McNemar's exact two-sided test on paired per-example correctness"
-TIE_BREAKS = ("fewest parameters", "fastest", "name")
+TIE_BREAKS = ("fewest parameters", "fastest", "lowest validation cross-entropy")
 
 
 # ---- binomial arithmetic ----
@@ -136,8 +138,11 @@ def _p(value: float) -> str:
   return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
-def _tie_break(candidates: list, latency_margin: float):
-  """Applies fewest parameters, then fastest, then name; returns (chosen, rule, note)."""
+def _tie_break(candidates: list, pairs: list, latency_margin: float):
+  """Applies fewest parameters, then fastest, then the lowest validation cross-entropy among
+  those no other one left beats significantly in accuracy (the criteria can disagree); the
+  candidates come ranked by cross-entropy, equal values by name. Returns (chosen, rule, note).
+  """
   fewest = min(m["params"] for m in candidates)
   left = [m for m in candidates if m["params"] == fewest]
   if len(left) == 1:
@@ -156,8 +161,21 @@ def _tie_break(candidates: list, latency_margin: float):
     left = quick
   else:
     notes.append("latency not known for all of them, so not compared")
-  chosen = min(left, key=lambda m: m["name"])
-  return chosen, TIE_BREAKS[2], "; ".join(notes) + f"; by name, {chosen['name']}"
+  outdone = {}
+  for m in left:
+    for other in left:
+      test = _test_between(pairs, other["name"], m["name"]) if other is not m else None
+      if test and test["significant"] and test["a_only_correct"] > test["b_only_correct"]:
+        outdone.setdefault(m["name"], other["name"])
+  unbeaten = [m for m in left if m["name"] not in outdone] or left
+  if len(unbeaten) < len(left):
+    notes.append(", ".join(f"{name} is significantly less accurate than {by}"
+                           for name, by in outdone.items()))
+  chosen = unbeaten[0]
+  among = "the rest" if len(unbeaten) < len(left) else "them"
+  return chosen, TIE_BREAKS[2], "; ".join(notes) + (
+      f"; by the lowest validation cross-entropy among {among}, {chosen['name']} "
+      f"({chosen['validation_cross_entropy']:.4f})")
 
 
 def choose_student(models, validation: dict, labels_only_name=None, level: float = LEVEL,
@@ -211,7 +229,7 @@ def choose_student(models, validation: dict, labels_only_name=None, level: float
   if len(candidates) == 1:
     chosen, rule, note = leader, None, None
   else:
-    chosen, rule, note = _tie_break(candidates, latency_margin)
+    chosen, rule, note = _tie_break(candidates, pairs, latency_margin)
   versus_chosen = {r["name"]: _test_between(pairs, chosen["name"], r["name"])["p_value"]
                    for r in rows if r["name"] != chosen["name"]}
   labels_only_p = versus_chosen.get(labels_only_name) if labels_only_name else None
@@ -242,7 +260,8 @@ def _why(leader, chosen, versus_leader, beaten, better, candidates, note, level)
   if better:
     text += (f" ({', '.join(better)} is significantly more accurate than {leader['name']} "
              "despite its higher cross-entropy: the criteria disagree.)")
-  return text + f" Tie-break (fewest parameters, then fastest, then name): {note}."
+  return text + (" Tie-break (fewest parameters, then fastest, then the lowest validation "
+                 f"cross-entropy): {note}.")
 
 
 def paired_report(names, correct: dict, chosen=None, labels_only_name=None,
