@@ -92,7 +92,8 @@ def test_no_significant_difference_falls_to_the_lowest_cross_entropy_not_the_nam
   assert chosen["p_values"] == {"beta": 1.0, "alpha": 0.5}  # the chosen zeta vs the others
   assert chosen["p_value_vs_labels_only"] == 0.5
   assert "No difference is significant" in chosen["why"]
-  assert "by the lowest validation cross-entropy among them, zeta (0.0500)" in chosen["why"]
+  assert ("by the lowest validation cross-entropy among them, zeta (0.0500: the best "
+          "estimate, not a proven best)") in chosen["why"]
   assert [r["name"] for r in chosen["ranking"]] == ["zeta", "beta", "alpha"]
   assert chosen["ranking"][0]["validation_cross_entropy"] == pytest.approx(0.05)
   assert chosen["validation_examples"] == N

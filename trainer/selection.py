@@ -175,7 +175,7 @@ def _tie_break(candidates: list, pairs: list, latency_margin: float):
   among = "the rest" if len(unbeaten) < len(left) else "them"
   return chosen, TIE_BREAKS[2], "; ".join(notes) + (
       f"; by the lowest validation cross-entropy among {among}, {chosen['name']} "
-      f"({chosen['validation_cross_entropy']:.4f})")
+      f"({chosen['validation_cross_entropy']:.4f}: the best estimate, not a proven best)")
 
 
 def choose_student(models, validation: dict, labels_only_name=None, level: float = LEVEL,
@@ -253,7 +253,7 @@ def _why(leader, chosen, versus_leader, beaten, better, candidates, note, level)
                    f"{leader['name']} is chosen.")
   if not beaten:
     text = head + (" No difference is significant: the validation data cannot tell these "
-                   "students apart, so the lower cross-entropy is not taken as a win.")
+                   "students apart, so the lower cross-entropy is not taken as a win by itself.")
   else:
     text = head + (f" It is significantly more accurate than {', '.join(sorted(beaten))} only; "
                    f"{', '.join(c['name'] for c in candidates)} cannot be told apart.")
