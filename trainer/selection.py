@@ -134,6 +134,12 @@ def _test_between(pairs: list, x: str, y: str) -> dict:
   raise KeyError((x, y))
 
 
+def _beats(pairs: list, x: str, y: str) -> bool:
+  """Whether x is significantly more accurate than y in `pairs`."""
+  test = _test_between(pairs, x, y)
+  return test["significant"] and test["a_only_correct"] > test["b_only_correct"]
+
+
 def _p(value: float) -> str:
   return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
@@ -161,12 +167,12 @@ def _tie_break(candidates: list, pairs: list, latency_margin: float):
     left = quick
   else:
     notes.append("latency not known for all of them, so not compared")
-  outdone = {}
+  outdone = {}  # name -> a candidate left that is significantly more accurate
   for m in left:
-    for other in left:
-      test = _test_between(pairs, other["name"], m["name"]) if other is not m else None
-      if test and test["significant"] and test["a_only_correct"] > test["b_only_correct"]:
-        outdone.setdefault(m["name"], other["name"])
+    by = next((o["name"] for o in left if o is not m and _beats(pairs, o["name"], m["name"])),
+              None)
+    if by:
+      outdone[m["name"]] = by
   unbeaten = [m for m in left if m["name"] not in outdone] or left
   if len(unbeaten) < len(left):
     notes.append(", ".join(f"{name} is significantly less accurate than {by}"
@@ -221,10 +227,8 @@ def choose_student(models, validation: dict, labels_only_name=None, level: float
   pairs = _pairs(names, correct, level)
   leader = rows[0]
   versus_leader = {r["name"]: _test_between(pairs, leader["name"], r["name"]) for r in rows[1:]}
-  beaten = {name for name, t in versus_leader.items()
-            if t["significant"] and t["a_only_correct"] > t["b_only_correct"]}
-  better = sorted(name for name, t in versus_leader.items()
-                  if t["significant"] and t["a_only_correct"] < t["b_only_correct"])
+  beaten = {name for name in versus_leader if _beats(pairs, leader["name"], name)}
+  better = sorted(name for name in versus_leader if _beats(pairs, name, leader["name"]))
   candidates = [r for r in rows if r["name"] not in beaten]
   if len(candidates) == 1:
     chosen, rule, note = leader, None, None
