@@ -11,7 +11,7 @@ def _dark_pixels(png):
   return int(np.sum(image < 64))
 
 
-def test_digits_grid_draws_every_digit_and_one_caption_each():
+def test_digits_grid_draws_every_digit():
   ink = np.full((5, 28, 28), 255, np.uint8)  # solid digits: 784 dark pixels each, at 100 dpi
   labels, predicted = np.arange(5), (np.arange(5) + 1) % 10
   dark = [_dark_pixels(figures.digits_png(ink[:n], labels[:n], predicted[:n], "t", "c"))

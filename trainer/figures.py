@@ -104,9 +104,10 @@ def digits_png(images, labels, predicted, title: str, caption: str = "") -> byte
   if not count:
     fig.text(0.5, 0.4, caption or "none", ha="center", va="center", fontsize=10)
     return _png(fig)
-  height, width = np.asarray(images[0]).shape[:2]
+  first = np.asarray(images[0])
+  height, width = first.shape[:2]
   cell_h, cell_w = height + _CAPTION_ROWS, width + _GAP
-  mosaic = np.zeros((rows * cell_h, columns * cell_w), np.uint8)
+  mosaic = np.zeros((rows * cell_h, columns * cell_w), first.dtype)  # the digits' own values
   bottom = 0.05 if caption else 0.01
   ax = fig.add_axes((0.01, bottom, 0.98, 0.93 - bottom - 0.3 / fig.get_figheight()))
   for i in range(count):
