@@ -15,7 +15,10 @@
 #                         Apple-silicon laptop would otherwise build an arm64 image).
 # Reproducible: every timestamp in the image (its creation time, the files' mtimes, the
 # org.opencontainers.image.created label, .pyc files) comes from SOURCE_DATE_EPOCH, by default the
-# commit time of HEAD, so the same commit and base digest give the same image digest.
+# commit time of HEAD, so the same commit and base digest give the same image digest (without
+# --layers: a cached dependency layer keeps the file times of the build that made it). The
+# dependency layer's .pyc files and user take DEPS_EPOCH, the newest commit time of the pin files
+# (SOURCE_DATE_EPOCH when that is set), so its layer cache outlives commits that keep the pins.
 #   Anything after `--` goes to the builder unchanged.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,7 +48,7 @@ while [ $# -gt 0 ]; do
     --platform) platform=$2; shift 2 ;;
     --platform=*) platform=${1#*=}; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "build_image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -64,6 +67,15 @@ tag=${tag:-mnist-distill:$describe-$variant}
 # One timestamp for everything (see the header): the commit's, unless the caller sets one.
 epoch=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}
 created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
+# The dependency layer's own timestamp: the newest commit that changed what it installs. With the
+# commit time there, every commit would reinstall TensorFlow (buildah and Docker key a RUN's cache
+# on the ARGs declared before it). A dirty pin file counts as changed now: HEAD's time.
+deps_files=(requirements.txt docker/build-requirements.txt docker/requirements-cuda.txt docker/Dockerfile)
+deps_epoch=$(git -C "$repo" log -1 --format=%ct -- "${deps_files[@]}" 2>/dev/null || true)
+if [ -n "${SOURCE_DATE_EPOCH:-}" ] || [ -z "$deps_epoch" ] \
+   || [ -n "$(git -C "$repo" status --porcelain -- "${deps_files[@]}" 2>/dev/null)" ]; then
+  deps_epoch=$epoch
+fi
 
 # Stage a minimal build context: the package's files plus wheelhouse/ (hard links when possible),
 # so the checkout is never modified and nothing else (runs/, venvs, .git) is sent to the builder.
@@ -89,6 +101,7 @@ build_args=(
   --build-arg "REVISION=$revision"
   --build-arg "CREATED=$created"
   --build-arg "SOURCE_DATE_EPOCH=$epoch"
+  --build-arg "DEPS_EPOCH=$deps_epoch"
   --build-arg "SOURCE=$source_url"
 )
 echo "build_image: $tool, $platform, variant=$variant, base=$base, offline=$offline -> $tag" >&2

@@ -104,8 +104,13 @@ def test_dockerfile_pins_its_base_by_digest_and_finds_the_nvidia_driver():
   assert NVIDIA_BIN in env["PATH"].split(":")
 
 
-def _commit_epoch(revision="HEAD"):
-  return int(_run(["git", "-C", str(REPO), "log", "-1", "--format=%ct", revision]).stdout)
+def _commit_epoch(revision="HEAD", *paths):
+  cmd = ["git", "-C", str(REPO), "log", "-1", "--format=%ct", revision]
+  return int(_run(cmd + (["--", *paths] if paths else [])).stdout)
+
+
+DEPENDENCY_PINS = ("requirements.txt", "docker/build-requirements.txt",
+                   "docker/requirements-cuda.txt", "docker/Dockerfile")
 
 
 def test_build_script_targets_amd64_with_the_commits_timestamps(tmp_path):
@@ -131,6 +136,20 @@ def test_build_script_targets_amd64_with_the_commits_timestamps(tmp_path):
   assert build_args["SOURCE_DATE_EPOCH"] == str(epoch)
   assert build_args["CREATED"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
   assert "@sha256:" in build_args["BASE_IMAGE"]
+  dirty = _run(["git", "-C", str(REPO), "status", "--porcelain", "--", *DEPENDENCY_PINS]).stdout
+  deps_epoch = epoch if dirty else _commit_epoch("HEAD", *DEPENDENCY_PINS)
+  assert build_args["DEPS_EPOCH"] == str(deps_epoch)
+
+
+def test_only_the_code_layers_see_the_commit_time():
+  """The runtime stage declares SOURCE_DATE_EPOCH after the dependency RUN: an ARG before a RUN
+  is in its cache key, and the commit time there would reinstall TensorFlow for every commit."""
+  text = (REPO / "docker" / "Dockerfile").read_text()
+  runtime = text[text.index(" AS runtime"):]
+  install = runtime.index("-r /opt/mnist-distill/requirements.txt")
+  assert "ARG SOURCE_DATE_EPOCH" not in runtime[:install]
+  assert runtime.index("ARG DEPS_EPOCH") < install
+  assert install < runtime.index("ARG SOURCE_DATE_EPOCH") < runtime.index("COPY --from=builder")
 
 
 def _need_build_tools():
