@@ -68,13 +68,13 @@ class ModelTrainer:
 
   def seeded(self, build):
     """Builds a network from the run's seed, so that every student starts from the same
-    weights. Uploads draw from Python's global `random` (multipart boundaries), so the upload
-    threads go idle first, or the initial weights would depend on network timing."""
-    for target in self.rt.uploaders():
-      target.flush()
+    weights. The seed goes to the builder itself (trainer/models.py): Keras' default draws
+    initializer seeds from Python's global `random`, which the bucket's threads also draw from
+    (lease renewals, upload boundaries, retry jitter), so a resumed bucket run once started its
+    student from other weights than an uninterrupted one."""
     keras.utils.set_random_seed(self.settings.seed)
     with self.rt.strategy.scope():
-      return build()
+      return build(seed=self.settings.seed)
 
   def check_stop(self, name: str) -> None:
     if self.should_stop():
