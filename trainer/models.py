@@ -17,28 +17,26 @@ INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
 
-def _kernel_initializers(seed):
-  """Glorot-uniform kernel initializers (Keras' default) seeded from random.Random(seed), or
-  Keras' own default (global `random`) without a seed."""
-  rng = None if seed is None else random.Random(seed)
-  while True:
-    yield "glorot_uniform" if rng is None else keras.initializers.GlorotUniform(
-        seed=rng.randint(1, int(1e9)))
+def _kernel(rng):
+  """Keras' default kernel initializer, seeded from `rng` when there is one."""
+  if rng is None:
+    return "glorot_uniform"
+  return keras.initializers.GlorotUniform(seed=rng.randint(1, int(1e9)))
 
 
 def _cnn(name, conv_filters, dense_units, seed):
-  kernels = _kernel_initializers(seed)
+  rng = None if seed is None else random.Random(seed)
   stack = [keras.Input(INPUT_SHAPE, name="image")]
   for filters in conv_filters:
     stack += [layers.Conv2D(filters, 3, padding="same", activation="relu",
-                            kernel_initializer=next(kernels)),
+                            kernel_initializer=_kernel(rng)),
               layers.AveragePooling2D(2)]
   stack.append(layers.Flatten())
-  stack += [layers.Dense(units, activation="relu", kernel_initializer=next(kernels))
+  stack += [layers.Dense(units, activation="relu", kernel_initializer=_kernel(rng))
             for units in dense_units]
   # Logits stay float32 under mixed precision: softmax/KL at low precision lose the tails.
   stack.append(layers.Dense(NUM_CLASSES, name="logits", dtype="float32",
-                            kernel_initializer=next(kernels)))
+                            kernel_initializer=_kernel(rng)))
   return keras.Sequential(stack, name=name)
 
 
