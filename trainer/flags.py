@@ -26,29 +26,32 @@ MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a t
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 AUGMENTATIONS = ("none", "shift", "affine", "elastic")  # trainer/augment.py implements them
+MIN_MIXUP, MAX_MIXUP = 0.1, 100.0  # trainer/mixup.py's concentration range (no TF here)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentSpec:
-  """One student experiment: alpha weighs the distillation term, temperature softens logits."""
+  """One student experiment: alpha weighs the distillation term, temperature softens logits,
+  mixup (a Beta concentration, 0: off) mixes its training images in pairs (trainer/mixup.py)."""
 
   name: str
   alpha: float
   temperature: float
+  mixup: float = 0.0
 
 
 def parse_student(spec: str) -> StudentSpec:
-  """Parses 'NAME:alpha=A,temperature=T' (either key may be omitted)."""
+  """Parses 'NAME:alpha=A,temperature=T,mixup=M' (any key may be omitted)."""
   name, sep, rest = spec.partition(":")
   name = name.strip()
   if not _NAME_RE.match(name):
     raise UsageError(
         f"--student={spec!r}: name must be lower-case letters, digits, '_' or '-' "
-        "(expected NAME:alpha=A,temperature=T)")
+        "(expected NAME:alpha=A,temperature=T[,mixup=M])")
   if name == "teacher":
     raise UsageError(f"--student={spec!r}: 'teacher' is reserved for the teacher model")
-  values = {"alpha": 0.5, "temperature": DEFAULT_TEMPERATURE}
+  values = {"alpha": 0.5, "temperature": DEFAULT_TEMPERATURE, "mixup": 0.0}
   if sep and rest.strip():
     for item in rest.split(","):
       key, eq, raw = item.partition("=")
@@ -56,7 +59,7 @@ def parse_student(spec: str) -> StudentSpec:
       if not eq or key not in values:
         raise UsageError(
             f"--student={spec!r}: unknown or malformed setting {item!r} "
-            "(expected NAME:alpha=A,temperature=T)")
+            "(expected NAME:alpha=A,temperature=T[,mixup=M])")
       try:
         values[key] = float(raw)
       except ValueError:
@@ -66,6 +69,13 @@ def parse_student(spec: str) -> StudentSpec:
   if not (math.isfinite(values["temperature"]) and values["temperature"] > 0.0):
     raise UsageError(
         f"--student={spec!r}: temperature must be > 0 and finite, got {values['temperature']:g}")
+  mixup = values["mixup"]
+  if mixup != 0.0 and not (MIN_MIXUP <= mixup <= MAX_MIXUP):  # also rejects nan and inf
+    raise UsageError(f"--student={spec!r}: mixup must be 0 (off) or in [{MIN_MIXUP:g}, "
+                     f"{MAX_MIXUP:g}], got {mixup:g}")
+  if mixup and values["alpha"] != 1.0:
+    raise UsageError(f"--student={spec!r}: mixup needs alpha=1: a mixed image has no single "
+                     "label, only the teacher's answer")
   return StudentSpec(name=name, **values)
 
 
@@ -123,8 +133,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "report: merge finished results only.", flag_values=fv)
   flags.DEFINE_multi_string(
       "student", list(DEFAULT_STUDENTS),
-      "Student experiment NAME:alpha=A,temperature=T, repeatable. alpha weighs the "
-      "distillation term: 0 = labels only, 1 = teacher only.", flag_values=fv)
+      "Student experiment NAME:alpha=A,temperature=T[,mixup=M], repeatable. alpha weighs the "
+      "distillation term: 0 = labels only, 1 = teacher only. mixup=M (alpha=1 and "
+      "--teacher_logits=online only) mixes training images in pairs with weights "
+      "~ Beta(M, M), M in [0.1, 100]; 0 = off.", flag_values=fv)
   flags.DEFINE_integer(
       "student_index", None,
       "Run only the K-th --student (0-based). Default: $JOB_COMPLETION_INDEX when set.",
@@ -393,6 +405,13 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Set
                      "train (use --mode=all or --mode=students)")
   values = {name: fv[name].value for name in _job_flag_names()}
   students = parse_students(values.pop("student"))
+  mixed = [spec.name for spec in students if spec.mixup]
+  if mixed and fv.mode in ("all", "students") and fv.teacher_logits != "online":
+    raise UsageError(f"--student {', '.join(mixed)}: mixup needs --teacher_logits=online "
+                     "(cached teacher logits belong to the unmixed images)")
+  if mixed and fv.batch_size % 2:
+    raise UsageError(f"--student {', '.join(mixed)}: mixup pairs images, so --batch_size must "
+                     f"be even, got {fv.batch_size}")
   index = values.pop("student_index")
   model_dir = (fv.model_dir or _default_model_dir(environ)).rstrip("/") or "/"
   values.update(

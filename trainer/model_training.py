@@ -53,13 +53,13 @@ class ModelTrainer:
     self.leases = {}  # name -> trainer.lease.Lease, held by the chief while the job runs
 
   # ---- inputs ----
-  def pipeline(self, images, labels, extras=None) -> ArrayPipeline:
-    """Batches of the run's global size; --augment applies to training batches only (the
-    pipeline never augments evaluation), and not with cached logits (validation's cached
-    logits belong to the plain images)."""
+  def pipeline(self, images, labels, extras=None, mixup=0.0) -> ArrayPipeline:
+    """Batches of the run's global size; --augment and a student's mixup apply to training
+    batches only (the pipeline never augments or mixes evaluation), and not with cached
+    logits (validation's cached logits belong to the plain images)."""
     augment = self.settings.augment if extras is None else "none"
     return ArrayPipeline(images, labels, self.settings.batch_size, self.rt.replicas, extras,
-                         augment=augment)
+                         augment=augment, mixup=mixup)
 
   def optimizer(self, learning_rate: float, epochs: int, steps_per_epoch: int,
                 weight_decay: float = 0.0) -> FusedAdam:

@@ -13,13 +13,16 @@ is then paid once per 16 batches. At the student's batch 32 that cost was 13% of
 Training batches may be augmented (trainer/augment.py) inside the same map call, keyed by
 (seed, epoch, step) and each image's position in its global batch, so resume stays exact. The
 augmented batch is the one element every consumer of a step reads: a teacher run online on
-data[0] sees exactly the student's view. Evaluation batches are never augmented.
+data[0] sees exactly the student's view. A student may also have its training images mixed
+in pairs (trainer/mixup.py), after augmentation, keyed the same way. Evaluation batches are
+never augmented or mixed.
 """
 
 import numpy as np
 import tensorflow as tf
 
 from trainer import augment as augmentation
+from trainer import mixup as mixing
 from trainer.errors import UsageError
 
 GATHER_BATCHES = 16  # per-replica batches gathered by one training map call
@@ -39,18 +42,27 @@ class ArrayPipeline:
   """Serves (image, label[, teacher_logits]) batches of in-memory arrays to a strategy."""
 
   def __init__(self, images, labels, global_batch_size, num_replicas, extras=None,
-               augment="none"):
-    """`augment`: a trainer.augment kind applied to training batches (train_fn) only."""
+               augment="none", mixup=0.0):
+    """`augment`: a trainer.augment kind applied to training batches (train_fn) only; `mixup`:
+    the Beta concentration of trainer.mixup's pairs (0: off), training batches only."""
     if global_batch_size % num_replicas:
       raise UsageError(f"--batch_size={global_batch_size} must be a multiple of the "
                        f"{num_replicas} replicas")
+    if mixup and (global_batch_size // num_replicas) % 2:
+      raise UsageError(f"mixup pairs the images of each replica's batch: --batch_size="
+                       f"{global_batch_size} over {num_replicas} replicas gives an odd "
+                       f"{global_batch_size // num_replicas}")
     self.num_examples = len(labels)
     self.global_batch_size = global_batch_size
     self.per_replica_batch_size = global_batch_size // num_replicas
     self.augment = augmentation.check_kind(augment)
+    self.mixup = mixing.check_concentration(mixup)
     if augment != "none" and extras is not None:
       raise UsageError(f"--augment={augment} needs --teacher_logits=online: cached teacher "
                        "logits belong to the unaugmented images")
+    if mixup and extras is not None:
+      raise UsageError("mixup needs --teacher_logits=online: cached teacher logits belong to "
+                       "the unmixed images")
     self._tensors = [tf.constant(images), tf.constant(labels)]
     if extras is not None:
       self._tensors.append(tf.constant(extras, tf.float32))
@@ -78,9 +90,10 @@ class ArrayPipeline:
   def _dataset_fn(self, order: np.ndarray, batches_per_gather: int, augment_from=None):
     """Per-replica batches of `order`, `batches_per_gather` gathered at once (> 1 only when
     every batch is full, as in training). `augment_from` = (seed, epoch, step) of the first
-    batch: augment the batches with self.augment (training only)."""
+    batch: augment the batches with self.augment and mix them by self.mixup (training only)."""
     kind = self.augment if augment_from is not None else "none"
-    if kind != "none" and batches_per_gather == 1:
+    mixup = self.mixup if augment_from is not None else 0.0
+    if (kind != "none" or mixup) and batches_per_gather == 1:
       raise ValueError("augmentation needs full batches gathered by gather_full_batches")
     seed, first_epoch, first_step = augment_from or (0, 0, 0)
     steps_per_epoch = self.steps_per_epoch
@@ -108,12 +121,11 @@ class ArrayPipeline:
         batch[0] = normalize_images(batch[0])
         return tuple(batch)
 
-      def augmented(images, rows):  # images [rows, per_replica, 28, 28, 1]
+      def positions(rows):  # (epoch, step, offset in the global batch) of each row
         absolute = first_step + rows // local  # steps since the start of first_epoch
         offsets = (worker * local + rows % local) * per_replica
-        return augmentation.augment_batches(
-            images, kind, seed, first_epoch + absolute // steps_per_epoch,
-            absolute % steps_per_epoch, offsets, global_batch)
+        return (first_epoch + absolute // steps_per_epoch, absolute % steps_per_epoch,
+                offsets)
 
       def gather_full_batches(first_row):
         rows = tf.range(first_row, tf.minimum(first_row + batches_per_gather, steps * local))
@@ -121,8 +133,12 @@ class ArrayPipeline:
                           + tf.range(per_replica, dtype=tf.int64)[None, :])
         batches = [tf.gather(t, index) for t in tensors]  # [rows, per_replica, ...]
         batches[0] = normalize_images(batches[0])
-        if kind != "none":
-          batches[0] = augmented(batches[0], rows)
+        if kind != "none":  # images [rows, per_replica, 28, 28, 1]
+          batches[0] = augmentation.augment_batches(batches[0], kind, seed, *positions(rows),
+                                                    global_batch)
+        if mixup:
+          batches[0] = mixing.mix_batches(batches[0], mixup, seed, *positions(rows),
+                                          global_batch)
         return tuple(batches)
 
       if batches_per_gather > 1:

@@ -44,7 +44,8 @@ def student_settings(s: Settings, spec, data: dict, precision: str, teacher_sha2
   return {**_common(s, data, precision), "role": "student", "epochs": s.student_epochs,
           "learning_rate": s.student_learning_rate, "alpha": spec.alpha,
           "temperature": spec.temperature, "teacher_weights_sha256": teacher_sha256,
-          **(extra or {})}
+          # only when on: runs recorded before mixup existed keep their digest
+          **({"mixup": spec.mixup} if spec.mixup else {}), **(extra or {})}
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list:

@@ -257,6 +257,8 @@ def render_markdown(summary: dict) -> str:
   for m in summary["models"]:
     alpha = "" if m.get("alpha") is None else f"{m['alpha']:g}"
     temp = "" if m.get("temperature") is None else f"{m['temperature']:g}"
+    if m.get("mixup"):  # trainer/mixup.py: told beside T rather than in a column of its own
+      temp += f" (mixup {m['mixup']:g})"
     lines.append(
         f"| {m['name']} | {m['role']} | {m['params']:,} | {alpha} | {temp} | "
         f"{_pct(m['test_accuracy'])} | {m['test_errors']} | {m['test_loss']:.4f} | "

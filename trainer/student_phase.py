@@ -73,7 +73,7 @@ class StudentPhase:
       return
     train_extra, validation_extra = cached_logits or (None, None)
     images, labels, train_set = self.train_set()
-    train = mt.pipeline(images, labels, train_extra)
+    train = mt.pipeline(images, labels, train_extra, mixup=spec.mixup)
     validation = mt.pipeline(rt.splits.validation_images, rt.splits.validation_labels,
                              validation_extra)
     net = mt.seeded(models.build_student)  # same seed: every student starts identical
@@ -90,6 +90,6 @@ class StudentPhase:
     record = self.record(spec, self._teacher_digest(teacher))
     trained = mt.train(spec.name, distiller, net, train, validation, s.student_epochs, record)
     mt.finish(spec.name, net, "student", trained, s.student_epochs, record,
-              extra={"alpha": spec.alpha, "temperature": spec.temperature,
+              extra={"alpha": spec.alpha, "temperature": spec.temperature, "mixup": spec.mixup,
                      "teacher_logits": s.teacher_logits, "initial_weights_sha256": initial,
                      "train_set": train_set})
