@@ -100,13 +100,14 @@ def test_every_model_is_an_hparams_session(smoke_run):
                for k, v in start.hparams.items()}
     expected = {"role": result["role"], "params": result["params"], "batch_size": 64, "seed": 42}
     if result["role"] == "student":
-      expected.update(alpha=result["alpha"], temperature=result["temperature"])
+      expected.update(alpha=result["alpha"], temperature=result["temperature"],
+                      mixup=result["mixup"])
     assert hparams == expected, name
   # One config, byte for byte, in every session: pods writing other students cannot clobber it.
   assert len(configs) == 1
   experiment = hparams_metadata.parse_experiment_plugin_data(configs.pop())
   assert [h.name for h in experiment.hparam_infos] == ["role", "alpha", "temperature", "params",
-                                                      "batch_size", "seed"]
+                                                      "batch_size", "seed", "mixup"]
   assert {h.name for h in experiment.hparam_infos if h.differs} == {"role", "alpha",
                                                                     "temperature", "params"}
   metrics = {m.display_name: (m.name.group, m.name.tag) for m in experiment.metric_infos}
@@ -304,7 +305,7 @@ def test_tensorboard_serves_the_run(smoke_run, tensorboard_server):
     assert {name, f"{name}/train", f"{name}/validation", f"{name}/test"} <= runs
   experiment = _get(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
   assert {h["name"] for h in experiment["hparamInfos"]} == {
-      "role", "alpha", "temperature", "params", "batch_size", "seed"}
+      "role", "alpha", "temperature", "params", "batch_size", "seed", "mixup"}
   assert {m["displayName"] for m in experiment["metricInfos"]} == {
       "test_accuracy", "test_errors", "validation_accuracy", "train_seconds",
       *(tag for tag, _ in DEPLOYMENT_METRICS)}

@@ -22,6 +22,8 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from trainer import mixup as mixing
+
 ROLES = ("student", "teacher")
 # Wide enough for any value the flags accept in practice; the plugin filters sessions by these
 # bounds, so they are deliberately generous rather than fitted to one run.
@@ -36,6 +38,8 @@ HPARAMS = (
     hp.HParam("batch_size", hp.IntInterval(1, 2**31 - 1), description="global batch size"),
     hp.HParam("seed", hp.IntInterval(-2**31, 2**31 - 1),
               description="initial weights and data order"),
+    hp.HParam("mixup", hp.RealInterval(0.0, mixing.MAX_CONCENTRATION),
+              description="Beta concentration of a student's mixup pairs (0: off)"),
 )
 # The hyperparameters that tell the models apart. Marked `differs` in the config, so that the
 # HParams dashboard (which shows 5 columns by default, those that differ first) shows them.
@@ -72,14 +76,16 @@ METRICS += tuple(hp.Metric(tag, group=DEPLOYMENT_RUN, display_name=tag, descript
 
 
 def session_hparams(role: str, params: int, batch_size: int, seed: int, alpha=None,
-                    temperature=None) -> dict:
-  """The hyperparameters of one model; the teacher has no alpha or temperature."""
+                    temperature=None, mixup=None) -> dict:
+  """The hyperparameters of one model; the teacher has no alpha, temperature or mixup."""
   values = {"role": role, "params": int(params), "batch_size": int(batch_size),
             "seed": int(seed)}
   if alpha is not None:
     values["alpha"] = float(alpha)
   if temperature is not None:
     values["temperature"] = float(temperature)
+  if mixup is not None:
+    values["mixup"] = float(mixup)
   return values
 
 

@@ -128,7 +128,8 @@ class ModelTrainer:
     logs = ModelLogs(layout.local(rt.dir, layout.LOGS), name, enabled=rt.chief)
     logs.write_session(hparams_logging.session_hparams(
         "teacher" if name == TEACHER else "student", net.count_params(), s.batch_size, s.seed,
-        getattr(model, "distillation_weight", None), getattr(model, "temperature", None)))
+        getattr(model, "distillation_weight", None), getattr(model, "temperature", None),
+        None if name == TEACHER else train.mixup))
     logs.write_graph(net)
 
     def on_checkpoint():
