@@ -7,10 +7,9 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from helpers import MNIST_DIR, run_cli, start_cli
+from tb_events import session_hparams
 
 # 384 examples in batches of 32: 12 steps an epoch, a checkpoint every 3 steps.
 ARGS = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=384", "--validation_examples=128",
@@ -24,19 +23,6 @@ def _weights(path):
   return keras.models.load_model(path, compile=False).get_weights()
 
 
-def _session_hparams(run_dir):
-  """The number-valued hyperparameters of a model's TensorBoard HParams session."""
-  for name in tf.io.gfile.listdir(str(run_dir)):
-    if name.startswith("events.out.tfevents."):
-      for event in tf.compat.v1.train.summary_iterator(os.path.join(run_dir, name)):
-        for value in event.summary.value:
-          if value.tag == hparams_metadata.SESSION_START_INFO_TAG:
-            start = hparams_metadata.parse_session_start_info_plugin_data(
-                value.metadata.plugin_data.content)
-            return {k: v.number_value for k, v in start.hparams.items() if k != "role"}
-  raise AssertionError(f"no HParams session in {run_dir}")
-
-
 @pytest.mark.parametrize("student", ["d:alpha=0.5,temperature=2",
                                      "d:alpha=1,temperature=2,mixup=1"])
 def test_kill_and_resume_with_augmentation_is_bit_exact(tmp_path, student):
@@ -45,8 +31,8 @@ def test_kill_and_resume_with_augmentation_is_bit_exact(tmp_path, student):
   proc = run_cli([f"--model_dir={reference}", *args])
   assert proc.returncode == 0, proc.stderr[-3000:]
   mixup = 1.0 if "mixup" in student else 0.0  # TensorBoard's HParams table shows it
-  assert _session_hparams(reference / "logs" / "d")["mixup"] == mixup
-  assert "mixup" not in _session_hparams(reference / "logs" / "teacher")
+  assert session_hparams(str(reference / "logs" / "d"))["mixup"] == mixup
+  assert "mixup" not in session_hparams(str(reference / "logs" / "teacher"))
 
   killed = tmp_path / "killed"
   proc = start_cli([f"--model_dir={killed}", *args], tmp_path / "first.log")

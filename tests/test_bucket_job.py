@@ -18,6 +18,7 @@ from trainer import idx
 
 from gcs_emulator import free_port
 from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli
+from tb_events import events
 
 # 256 training examples in batches of 32: 8 steps an epoch.
 TINY = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=256", "--validation_examples=128",
@@ -91,9 +92,8 @@ def test_everything_lands_in_the_bucket_and_a_fresh_disk_reuses_it(gcs_emulator,
   logs = download(gcs_emulator, "run/logs", str(tmp_path / "logs"))
   for name in ("teacher", "a", "b"):
     steps = set()
-    for path in glob.glob(f"{logs}/{name}/validation/events.out.tfevents.*"):
-      for event in tf.compat.v1.train.summary_iterator(path):
-        steps.update(event.step for v in event.summary.value if v.tag == "accuracy")
+    for event in events(f"{logs}/{name}/validation"):
+      steps.update(event.step for v in event.summary.value if v.tag == "accuracy")
     assert steps == {1, 2}, name
 
   # The exports reload from the bucket and give the accuracy their result.json reports.

@@ -13,6 +13,7 @@ from trainer import batch_slices, idx
 
 from helpers import MNIST_DIR, SMOKE_ARGS, tree_digest
 from inprocess import run_job
+from tb_events import events
 
 MODELS = ("teacher", "labels_only", "teacher_only", "distilled")
 RESULT_FIELDS = ("name", "params", "test_accuracy", "test_errors", "test_loss", "train_seconds",
@@ -22,10 +23,9 @@ RESULT_FIELDS = ("name", "params", "test_accuracy", "test_errors", "test_loss", 
 def _scalars(event_dir):
   """{tag: {step: value}} from the event files of one TensorBoard run folder."""
   found = {}
-  for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        found.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  for event in events(event_dir):
+    for value in event.summary.value:
+      found.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
   return found
 
 

@@ -22,6 +22,7 @@ from trainer import (
 )
 
 from helpers import MNIST_DIR
+from tb_events import events
 
 N_VALIDATION, N_TEST = 300, 400
 RUN_INFO = {"dataset": "idx:made-up", "strategy": "default", "replicas": 1, "tensorflow": "x"}
@@ -187,10 +188,9 @@ def test_figures_are_drawn_for_the_chosen_student(run_dir):
 
 def _scalars(run_dir):
   found = {}
-  for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        found[value.tag] = (event.step, float(tf.make_ndarray(value.tensor)))
+  for event in events(run_dir):
+    for value in event.summary.value:
+      found[value.tag] = (event.step, float(tf.make_ndarray(value.tensor)))
   return found
 
 

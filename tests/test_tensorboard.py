@@ -27,6 +27,8 @@ from trainer.hparams_logging import DEPLOYMENT_METRICS
 
 from headless_chromium import Chromium, find_chromium
 from helpers import MNIST_DIR, REPO, run_cli
+from tb_events import events as _events
+from tb_events import session_hparams
 
 EPOCHS = 2  # SMOKE_ARGS: --teacher_epochs=2 --student_epochs=2
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
@@ -35,12 +37,6 @@ SESSION_TAG = hparams_metadata.SESSION_START_INFO_TAG
 
 
 # ---- reading event files ----
-def _events(run_dir):
-  """Every event of the files directly in run_dir, in file order."""
-  for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
-    yield from tf.compat.v1.train.summary_iterator(path)
-
-
 def _values(run_dir):
   """{tag: [(step, value proto, metadata proto of the tag's first value)]} of one run."""
   found, first_metadata = {}, {}
@@ -96,8 +92,7 @@ def test_every_model_is_an_hparams_session(smoke_run):
     start = hparams_metadata.parse_session_start_info_plugin_data(
         session_meta.plugin_data.content)
     assert start.group_name == name
-    hparams = {k: (v.string_value if v.HasField("string_value") else v.number_value)
-               for k, v in start.hparams.items()}
+    hparams = session_hparams(f"{root}/logs/{name}")
     expected = {"role": result["role"], "params": result["params"], "batch_size": 64, "seed": 42}
     if result["role"] == "student":
       expected.update(alpha=result["alpha"], temperature=result["temperature"],
