@@ -11,7 +11,7 @@ from trainer.pipeline import normalize_images
 from helpers import MNIST_DIR
 
 BATCH = 8
-WARPS = ("shift", "affine", "elastic")
+WARPS = ("shift", "affine", "elastic", "shift_flip")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def test_views_are_a_function_of_seed_epoch_and_step(images, kind):
   for other in (dict(step=1), dict(epoch=1), dict(seed=2)):
     changed = _views(images, kind, **other)
     new = sum(np.abs(changed[i] - first[i]).max() > 0 for i in range(BATCH))
-    # continuous draws never repeat; a shift is one of 25, so some may come out the same
-    assert new >= (BATCH // 2 if kind == "shift" else BATCH), other
+    # continuous draws never repeat; a shift is one of 25 (50 with mirrors), so some may repeat
+    assert new >= (BATCH // 2 if kind.startswith("shift") else BATCH), other
 
 
 @pytest.mark.parametrize("kind", WARPS)
@@ -65,6 +65,22 @@ def test_shift_moves_whole_pixels_by_at_most_two(images):
     assert matches, "a shift view is not the image translated by whole pixels"
     moved += (0, 0) not in matches
   assert moved >= BATCH // 2
+
+
+def test_shift_flip_is_the_shift_view_mirrored_left_right_for_about_half_the_images(images):
+  """Same draws as `shift`, so each view is the shift view or exactly its mirror image."""
+  many = np.concatenate([images] * 8)  # 64 positions of one global batch
+  rows = tf.constant(many)[None]
+  args = (3, tf.constant([2]), tf.constant([5]), tf.constant([0]), len(many))
+  mirrored = augment.augment_batches(rows, "shift_flip", *args)[0].numpy()
+  shifted = augment.augment_batches(rows, "shift", *args)[0].numpy()
+  flips = 0
+  for view, plain in zip(mirrored, shifted):
+    if np.array_equal(view, plain):
+      continue
+    np.testing.assert_array_equal(view, plain[:, ::-1])
+    flips += 1
+  assert 16 <= flips <= 48  # Binomial(64, 1/2): outside this range p < 1e-4
 
 
 def test_own_bilinear_sampler_matches_image_projective_transform(images):

@@ -6,9 +6,12 @@ depends neither on how many replicas or workers share the batch nor on how many 
 tf.data call gathers, and a run resumed at any step sees exactly the views an uninterrupted
 run sees. No random state lives anywhere, so nothing needs checkpointing.
 
-Kinds (`KINDS`), each a superset of the one before:
+Kinds (`KINDS`); shift, affine and elastic each a superset of the one before:
   shift    whole-pixel translations of up to MAX_SHIFT pixels (Hinton et al.'s "jittered"
            MNIST); nearest-neighbour, so pixel values are copied, never blended.
+  shift_flip  the shift, then a left-right mirror of half the images: the usual augmentation
+           of Fashion-MNIST's clothes, whose mirror images are clothes of the same class;
+           never for digits, whose mirror images are other symbols.
   affine   one warp per image: rotation, isotropic scaling and sub-pixel translation about the
            centre, bilinear, zero outside the image.
   elastic  the affine warp plus Simard et al.'s (2003) elastic distortion: a uniform random
@@ -20,7 +23,7 @@ import math
 
 import tensorflow as tf
 
-KINDS = ("none", "shift", "affine", "elastic")  # also trainer/flags.py AUGMENTATIONS (no TF)
+KINDS = ("none", "shift", "affine", "elastic", "shift_flip")  # also trainer/flags.py AUGMENTATIONS (no TF)
 MAX_SHIFT = 2.0  # pixels, in x and in y
 MAX_ROTATION = math.radians(12.0)
 MAX_SCALE_CHANGE = 0.1  # scale in [0.9, 1.1]
@@ -28,7 +31,7 @@ ELASTIC_ALPHA = 34.0  # Simard et al.'s values for 28x28 digits
 ELASTIC_SIGMA = 4.0
 _ALG = "philox"  # fixed: 'auto_select' may pick a different generator on another device
 _SALT = 0x5EED  # keeps augmentation keys apart from any other use of the same seed
-_PARAMS = 4  # uniform draws per image: dx, dy, rotation, scale
+_PARAMS = 4  # uniform draws per image: dx, dy, rotation (or mirror), scale
 
 
 def check_kind(kind: str) -> str:
@@ -56,14 +59,21 @@ def _step_draws(key, global_batch, offset, count, image_shape, elastic):
   return params, field[offset:offset + count]
 
 
-def _affine_transforms(params, height, width, shift_only):
+def _affine_transforms(params, height, width, shift_only, mirror=False):
   """[n, 8] ImageProjectiveTransform rows mapping each output pixel to its input point."""
   u = params * 2.0 - 1.0  # [-1, 1)
   dx, dy = u[:, 0] * MAX_SHIFT, u[:, 1] * MAX_SHIFT
   if shift_only:
     dx, dy = tf.round(dx), tf.round(dy)
     one, zero = tf.ones_like(dx), tf.zeros_like(dx)
-    return tf.stack([one, zero, -dx, zero, one, -dy, zero, zero], axis=1)
+    if not mirror:
+      return tf.stack([one, zero, -dx, zero, one, -dy, zero, zero], axis=1)
+    # Mirrored after the shift: output x reads input (width - 1 - x) - dx. The rotation draw,
+    # unused by shifts, decides, so plain shift views keep their draws.
+    flip = u[:, 2] < 0.0
+    ax = tf.where(flip, -one, one)
+    bx = tf.where(flip, (width - 1) - dx, -dx)
+    return tf.stack([ax, zero, bx, zero, one, -dy, zero, zero], axis=1)
   angle = u[:, 2] * MAX_ROTATION
   scale = 1.0 + u[:, 3] * MAX_SCALE_CHANGE
   # Output point p = s R(angle) (q - c) + c + d for input point q, hence
@@ -122,11 +132,13 @@ def bilinear_sample(images, x, y):
 def warp(images, params, field, kind):
   """Applies `kind` to float images [n, h, w, 1] given their draws (see _step_draws)."""
   height, width = int(images.shape[1]), int(images.shape[2])
-  transforms = _affine_transforms(params, height, width, shift_only=kind == "shift")
-  if kind in ("shift", "affine"):
+  whole_pixels = kind in ("shift", "shift_flip")
+  transforms = _affine_transforms(params, height, width, shift_only=whole_pixels,
+                                  mirror=kind == "shift_flip")
+  if kind in ("shift", "shift_flip", "affine"):
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=[height, width],
-        fill_value=0.0, interpolation="NEAREST" if kind == "shift" else "BILINEAR",
+        fill_value=0.0, interpolation="NEAREST" if whole_pixels else "BILINEAR",
         fill_mode="CONSTANT")
   # elastic: input point = affine(output point + displacement)
   ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32),

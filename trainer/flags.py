@@ -25,7 +25,7 @@ MAX_SEED = 2**31 - 1  # TensorFlow's and NumPy's seeds both accept this range
 MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a typo
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-AUGMENTATIONS = ("none", "shift", "affine", "elastic")  # trainer/augment.py implements them
+AUGMENTATIONS = ("none", "shift", "affine", "elastic", "shift_flip")  # trainer/augment.py implements them
 MIN_MIXUP, MAX_MIXUP = 0.1, 100.0  # trainer/mixup.py's concentration range (no TF here)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -190,7 +190,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "augment", "none", AUGMENTATIONS,
       "Augmentation of training batches, seeded by (seed, epoch, step); validation and test "
       "never. shift: whole-pixel shifts up to 2 px; affine: rotation up to 12 degrees, scale "
-      "0.9-1.1 and shifts up to 2 px; elastic: affine plus elastic distortion. Students need "
+      "0.9-1.1 and shifts up to 2 px; elastic: affine plus elastic distortion; shift_flip: "
+      "shifts plus a left-right mirror of half the images (for clothes, not digits). Students need "
       "--teacher_logits=online (the teacher then sees each student's augmented batch).",
       flag_values=fv)
   flags.DEFINE_float(
