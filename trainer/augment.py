@@ -23,7 +23,8 @@ import math
 
 import tensorflow as tf
 
-KINDS = ("none", "shift", "affine", "elastic", "shift_flip")  # also trainer/flags.py AUGMENTATIONS (no TF)
+# Also trainer/flags.py AUGMENTATIONS (that module imports no TensorFlow).
+KINDS = ("none", "shift", "affine", "elastic", "shift_flip")
 MAX_SHIFT = 2.0  # pixels, in x and in y
 MAX_ROTATION = math.radians(12.0)
 MAX_SCALE_CHANGE = 0.1  # scale in [0.9, 1.1]

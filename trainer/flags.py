@@ -25,7 +25,8 @@ MAX_SEED = 2**31 - 1  # TensorFlow's and NumPy's seeds both accept this range
 MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a typo
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-AUGMENTATIONS = ("none", "shift", "affine", "elastic", "shift_flip")  # trainer/augment.py implements them
+# trainer/augment.py implements them (KINDS); tests keep the two lists equal.
+AUGMENTATIONS = ("none", "shift", "affine", "elastic", "shift_flip")
 MIN_MIXUP, MAX_MIXUP = 0.1, 100.0  # trainer/mixup.py's concentration range (no TF here)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
