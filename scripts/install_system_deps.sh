@@ -7,6 +7,9 @@ want=(dataset-fashion-mnist)
 want+=(buildah debootstrap docker-registry)
 # tests/test_tensorboard.py loads TensorBoard's pages in headless Chromium.
 want+=(chromium)
+# tests/cluster/ runs a local Kubernetes node (scripts/local_cluster.sh): the container runtime,
+# the pods' network plugins, and what kube-proxy programs the node's rules with.
+want+=(containerd runc containernetworking-plugins iptables conntrack)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

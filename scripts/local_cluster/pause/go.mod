@@ -1,0 +1,3 @@
+module mnist-distill.local/cluster/pause
+
+go 1.26.0
