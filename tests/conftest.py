@@ -13,6 +13,9 @@ import pytest  # noqa: E402
 
 from helpers import FASHION_MNIST_DIR, MNIST_DIR, SMOKE_ARGS, run_cli  # noqa: E402
 
+# The CPU image, built once a session (tests/image_build.py).
+from image_build import cpu_image, debootstrap_base  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
@@ -52,9 +55,12 @@ def tfds_data_dir(tmp_path_factory):
 # cannot do this under pytest 9.2: it renames item._nodeid, which pytest no longer reads.)
 _SHARED_FIXTURE_UNITS = {"test_job": "smoke_run", "test_results": "smoke_run",
                          "test_tensorboard": "smoke_run", "test_tfds": "tfds",
-                         "test_transfer_set": "tfds"}
-_LONGEST_FIRST = ("smoke_run", "test_bucket_job", "tfds", "test_multi_worker", "test_resume",
-                  "test_image", "test_benchmark", "test_precision", "test_augment_job",
+                         "test_transfer_set": "tfds", "test_image": "image"}
+# tests/cluster/ (the local Kubernetes cluster and the CPU image it runs) is one unit with
+# tests/test_image.py: the image is built once, and the cluster's modules run in file order.
+_CLUSTER_PREFIX = "test_cluster_"
+_LONGEST_FIRST = ("image", "smoke_run", "test_bucket_job", "tfds", "test_multi_worker",
+                  "test_resume", "test_benchmark", "test_precision", "test_augment_job",
                   "test_k8s", "test_rerun", "test_report_mode", "test_distribution",
                   "test_teacher_and_transfer", "test_one_writer", "test_teacher_logits",
                   "test_peer_loss")
@@ -62,6 +68,8 @@ _LONGEST_FIRST = ("smoke_run", "test_bucket_job", "tfds", "test_multi_worker", "
 
 def _unit(nodeid: str) -> str:
   module = os.path.splitext(os.path.basename(nodeid.split("::", 1)[0]))[0]
+  if module.startswith(_CLUSTER_PREFIX):
+    return "image"
   return _SHARED_FIXTURE_UNITS.get(module, module)
 
 

@@ -1,17 +1,9 @@
-"""The container image: lint docker/Dockerfile, then build the CPU variant here and run the job
-in it.
+"""The container image: lint docker/Dockerfile, then run the job in the CPU variant built here
+(tests/image_build.py builds it offline, once a session).
 
-The build cannot pull a base image or reach PyPI from inside, so it is done the offline way the
-Dockerfile supports: a Debian bookworm base made with debootstrap (docker/make_debootstrap_base.sh)
-and a wheelhouse filled on the host (docker/fill_wheelhouse.sh), both cached under
-~/.cache/mnist-distill, then `scripts/build_image.sh --wheelhouse` with buildah (chroot isolation,
-layer cache on). The smoke job then runs inside the image as UID 10001 with no network at all and
-the real MNIST IDX files mounted read-only, and must write nothing outside /tmp and its output
-mount (the pod's root filesystem is read-only).
-
-Needs root, buildah and debootstrap (scripts/install_system_deps.sh installs them). Without them
-the build tests skip, except under CI=true, where they fail.
-Set MNIST_DISTILL_IMAGE_NO_CACHE=1 to build without buildah's layer cache.
+The smoke job runs inside the image as UID 10001 with no network at all and the real MNIST IDX
+files mounted read-only, and must write nothing outside /tmp and its output mount (the pod's root
+filesystem is read-only).
 """
 
 import json
@@ -28,12 +20,11 @@ from pathlib import Path
 import pytest
 
 from helpers import MNIST_DIR
+from image_build import missing_or_fail as _missing_or_fail
+from image_build import run as _run
+from image_build import tail as _tail
 
 REPO = Path(__file__).resolve().parents[1]
-# The tests use a tag of their own (several test runs may share this machine's image storage);
-# CACHE_TAG keeps the last build, and with it buildah's layer cache, after they remove theirs.
-TEST_TAG = f"localhost/mnist-distill-test:cpu-{os.getpid()}"
-CACHE_TAG = "localhost/mnist-distill-test:cache"
 SMOKE_ARGS = [
     "--idx_dir=/data/mnist", "--max_train_examples=512", "--max_test_examples=256",
     "--validation_examples=128", "--teacher_epochs=1", "--student_epochs=1", "--batch_size=64",
@@ -51,23 +42,6 @@ def _tool(name):
   """The venv's copy of a pinned tool (requirements-dev.txt) first, else PATH's."""
   local = Path(sys.executable).parent / name
   return str(local) if local.exists() else shutil.which(name)
-
-
-def _run(cmd, timeout=900, **kwargs):
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def _tail(text, limit=4000):
-  """The end of a tool's output for an assertion message, without pip's per-package noise."""
-  ignored = "is ignored: it is neither a file nor a directory"
-  lines = [line for line in text.splitlines() if ignored not in line]
-  return "\n".join(lines)[-limit:]
-
-
-def _missing_or_fail(reason):
-  if os.environ.get("CI", "").lower() == "true":
-    pytest.fail(f"{reason} (CI must build the image: run scripts/install_system_deps.sh)")
-  pytest.skip(reason)
 
 
 def test_dockerfile_passes_hadolint():
@@ -150,61 +124,6 @@ def test_only_the_code_layers_see_the_commit_time():
   assert "ARG SOURCE_DATE_EPOCH" not in runtime[:install]
   assert runtime.index("ARG DEPS_EPOCH") < install
   assert install < runtime.index("ARG SOURCE_DATE_EPOCH") < runtime.index("COPY --from=builder")
-
-
-def _need_build_tools():
-  if os.geteuid() != 0:
-    _missing_or_fail("building the test image needs root (debootstrap, buildah storage)")
-  for tool in ("buildah", "debootstrap", "unshare"):
-    if not shutil.which(tool):
-      _missing_or_fail(f"{tool} is not installed")
-
-
-@pytest.fixture(scope="module")
-def debootstrap_base():
-  """The debootstrap'ed Debian base image (cached: ~1 min the first time on a machine)."""
-  _need_build_tools()
-  started = time.monotonic()
-  proc = _run(["bash", str(REPO / "docker" / "make_debootstrap_base.sh")])
-  assert proc.returncode == 0, _tail(proc.stderr)
-  print(f"debootstrap base: {time.monotonic() - started:.0f}s")
-  return proc.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def cpu_image(debootstrap_base):
-  """Builds the CPU image from the debootstrap base and a host wheelhouse; yields its reference."""
-  base = debootstrap_base
-  timings = {}
-  started = time.monotonic()
-  proc = _run(["bash", str(REPO / "docker" / "fill_wheelhouse.sh"), "--variant", "cpu"],
-              env=dict(os.environ, PYTHON=sys.executable))
-  assert proc.returncode == 0, _tail(proc.stderr)
-  wheelhouse = proc.stdout.strip().splitlines()[-1]
-  timings["wheelhouse"] = time.monotonic() - started
-
-  started = time.monotonic()
-  cmd = ["bash", str(REPO / "scripts" / "build_image.sh"), "--tool", "buildah", "--variant",
-         "cpu", "--base", base, "--wheelhouse", wheelhouse, "--tag", TEST_TAG]
-  if os.environ.get("MNIST_DISTILL_IMAGE_NO_CACHE") != "1":
-    cmd.append("--layers")
-  proc = _run(cmd, timeout=1500)
-  assert proc.returncode == 0, _tail(proc.stderr, 8000)
-  assert proc.stdout.strip().splitlines()[-1] == TEST_TAG
-  timings["build"] = time.monotonic() - started
-  print("image timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-  proc = _run(["buildah", "tag", TEST_TAG, CACHE_TAG])
-  assert proc.returncode == 0, proc.stderr
-  yield TEST_TAG
-  # Removing only our tag keeps the image under CACHE_TAG, and so its untagged parents: buildah's
-  # layer cache (the 2.5 GB dependency layer among them). Each code change leaves a small untagged
-  # image behind; keep the storage bounded by dropping those older than three days (a later build
-  # recreates what it still needs; images that others build on are refused and kept).
-  _run(["buildah", "rmi", TEST_TAG])
-  proc = _run(["buildah", "images", "--quiet", "--filter", "dangling=true", "--filter",
-               "until=72h"])
-  for image_id in proc.stdout.split():
-    _run(["buildah", "rmi", image_id])
 
 
 @pytest.fixture(scope="module")
