@@ -28,10 +28,13 @@ Use the ready-made `gcs_emulator` fixture from tests/conftest.py, or make your o
       assert gcs.read("run1/result.json") == b"..."
 """
 
+import ctypes
 import functools
 import http.server
 import json
+import os
 import socket
+import ssl
 import threading
 import urllib.parse
 from typing import Dict, Iterable, Optional
@@ -43,12 +46,42 @@ from gcp_storage_emulator.storage import Storage
 
 HOST = "127.0.0.1"
 DEFAULT_BUCKET = "test-bucket"
+CLONE_NEWNET = 0x40000000
 
 
-def free_port() -> int:
-  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def in_netns(netns: Optional[str], fn):
+  """fn() called on a thread that joined the network namespace at `netns` (a /proc/PID/ns/net
+  path; None: this one), its result returned. A socket keeps the namespace it was made in, so a
+  server or client socket made by fn serves or talks there for good, whichever thread uses it."""
+  if netns is None:
+    return fn()
+  outcome = {}
+
+  def run():
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      fd = os.open(netns, os.O_RDONLY)
+      try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+          raise OSError(ctypes.get_errno(), f"setns({netns})")
+      finally:
+        os.close(fd)
+      outcome["value"] = fn()
+    except BaseException as e:  # re-raised in the caller's thread
+      outcome["error"] = e
+
+  thread = threading.Thread(target=run, name="in-netns")
+  thread.start()
+  thread.join()
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
+
+
+def free_port(host: str = HOST) -> int:
+  """A TCP port on host (127.0.0.1) that nothing listens on right now."""
   with socket.socket() as s:
-    s.bind((HOST, 0))
+    s.bind((host, 0))
     return s.getsockname()[1]
 
 
@@ -136,8 +169,11 @@ class GcsEmulator:
   """In-memory emulator; `bucket` (the first of `buckets`) exists from the start."""
 
   def __init__(self, buckets: Iterable[str] = (DEFAULT_BUCKET,), port: Optional[int] = None,
-               faithful: bool = True):
-    self.port = port or free_port()
+               faithful: bool = True, host: str = HOST, netns: Optional[str] = None):
+    # host and netns: where it listens (netns: a /proc/PID/ns/net path, e.g. a local cluster's,
+    # so that its pods reach it; the objects stay readable here in memory).
+    self.host, self.netns = host, netns
+    self.port = port or in_netns(netns, lambda: free_port(host))
     # faithful=False: the emulator exactly as released (see the module docstring).
     self.storage = (_FaithfulStorage if faithful else Storage)(use_memory_fs=True)
     self._handler = _Handler if faithful else emulator_server.RequestHandler
@@ -151,7 +187,7 @@ class GcsEmulator:
   @property
   def endpoint(self) -> str:
     """The value for STORAGE_EMULATOR_HOST."""
-    return f"http://{HOST}:{self.port}"
+    return f"http://{self.host}:{self.port}"
 
   @property
   def running(self) -> bool:
@@ -162,12 +198,32 @@ class GcsEmulator:
     if self._server is None:
       # The emulator's own request handler on a plain HTTPServer (what its APIThread does), so
       # that we own the poll interval: stop() then takes milliseconds instead of 0.5 s.
-      self._server = http.server.HTTPServer((HOST, self.port),
-                                            functools.partial(self._handler, self.storage))
-      self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
-                                      name=f"gcs-emulator-{self.port}", daemon=True)
-      self._thread.start()
+      self._server = self._serve(self.port)
+      self._thread = self._server.thread
     return self
+
+  def _serve(self, port: int, tls: Optional[ssl.SSLContext] = None) -> http.server.HTTPServer:
+    handler = functools.partial(self._handler, self.storage)
+    server = in_netns(self.netns, lambda: http.server.HTTPServer((self.host, port), handler))
+    if tls is not None:
+      server.socket = tls.wrap_socket(server.socket, server_side=True)
+    server.thread = threading.Thread(target=server.serve_forever, args=(0.02,),
+                                     name=f"gcs-emulator-{port}", daemon=True)
+    server.thread.start()
+    return server
+
+  def serve_tls(self, port: int, certfile: str, keyfile: str) -> http.server.HTTPServer:
+    """The same objects over HTTPS on another port too (for clients that only speak https to
+    Google's host names: point the name at self.host and trust certfile's CA). Stop it with
+    .shutdown() and .server_close()."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    return self._serve(port, context)
+
+  def write(self, name: str, data: bytes, bucket: Optional[str] = None) -> None:
+    """Uploads one object through the emulator's own HTTP API (from its namespace)."""
+    in_netns(self.netns, lambda: self.client().bucket(bucket or self.bucket).blob(name)
+             .upload_from_string(data))
 
   def stop(self) -> None:
     """Closes the listening socket: clients get 'connection refused' until start()."""

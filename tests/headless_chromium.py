@@ -66,8 +66,10 @@ class ProtocolError(RuntimeError):
 class Chromium:
   """One headless browser with one page; use as a context manager."""
 
-  def __init__(self, binary=None, width=1600, height=1000, timeout=30.0):
+  def __init__(self, binary=None, width=1600, height=1000, timeout=30.0, prefix=()):
     self.binary = binary or find_chromium()
+    # prefix: a command that runs the browser elsewhere, e.g. nsenter into a cluster's network.
+    self.prefix = list(prefix)
     self.width, self.height, self.timeout = width, height, timeout
     self._next_id = 0
     self._buffer = b""
@@ -79,8 +81,8 @@ class Chromium:
     self._from_browser, from_browser_w = _pipe()
     self.log_path = os.path.join(self._profile, "chromium.log")
     self._log = open(self.log_path, "wb")
-    cmd = [self.binary, *FLAGS, f"--user-data-dir={self._profile}", "--remote-debugging-pipe",
-           f"--window-size={self.width},{self.height}", "about:blank"]
+    cmd = [*self.prefix, self.binary, *FLAGS, f"--user-data-dir={self._profile}",
+           "--remote-debugging-pipe", f"--window-size={self.width},{self.height}", "about:blank"]
     # bash moves the pipe ends (fds >= 10, see _pipe) to fds 3 and 4, where Chromium expects them.
     shell = (f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w} '
              f'{to_browser_r}<&- {from_browser_w}>&-')
