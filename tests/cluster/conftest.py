@@ -1,0 +1,115 @@
+"""Fixtures of the real-cluster tests (tests/cluster/): a local Kubernetes cluster brought up once
+for them and torn down after (scripts/local_cluster.sh), the project's CPU image loaded into its
+containerd, and a bucket on the GCS emulator listening inside the cluster's network namespace.
+
+The modules run in file order on one pytest-xdist worker (tests/conftest.py): admission checks
+first, while the JobSet CRD is still missing, then the runs.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from gcs_emulator import GcsEmulator
+from helpers import MNIST_DIR
+from local_cluster import BUCKET, EMULATOR_PORT, Cluster, record, script
+
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# Google's API host names the TensorBoard pod's TensorFlow calls; the cluster's DNS points them at
+# the node, where the emulator serves TLS.
+GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+@pytest.fixture(scope="session")
+def cluster():
+  """`bash scripts/local_cluster.sh up --no-jobset` (JobSet comes later: the first tests need its
+  CRD missing); `down` afterwards, which must leave nothing behind."""
+  started = time.monotonic()
+  script("up", "--no-jobset", timeout=3600)  # a fresh machine builds the binaries first
+  record(what="cluster up", seconds=round(time.monotonic() - started, 1))
+  try:
+    yield Cluster()
+  finally:
+    script("down", timeout=300)
+
+
+@pytest.fixture(scope="session")
+def cluster_image(cluster, cpu_image):
+  """The CPU image of this checkout in the node's containerd (never pulled: IfNotPresent)."""
+  started = time.monotonic()
+  script("load", cpu_image, timeout=1800)
+  record(what="image load", seconds=round(time.monotonic() - started, 1))
+  return cpu_image
+
+
+@pytest.fixture(scope="session")
+def jobset(cluster):
+  """The JobSet controller, from the pinned module's own manifests (webhooks answering)."""
+  script("jobset", timeout=1200)
+  return cluster
+
+
+@pytest.fixture(scope="session")
+def google_tls(tmp_path_factory):
+  """A test CA and a certificate for GOOGLE_HOSTS signed by it: (ca.crt, cert, key) paths."""
+  d = tmp_path_factory.mktemp("google-tls")
+  ca, cert, key, csr = d / "ca.crt", d / "server.crt", d / "server.key", d / "server.csr"
+
+  def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+  openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+          "-subj", "/CN=mnist-distill test CA", "-keyout", str(d / "ca.key"), "-out", str(ca))
+  openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={GOOGLE_HOSTS[0]}",
+          "-keyout", str(key), "-out", str(csr))
+  (d / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{h}" for h in GOOGLE_HOSTS) + "\n")
+  openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(d / "ca.key"),
+          "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext"), "-out", str(cert))
+  return ca, cert, key
+
+
+@pytest.fixture(scope="session")
+def bucket(cluster, google_tls):
+  """gs://mnist-distill-e2e on the GCS emulator, on the node address inside the cluster's
+  network namespace (pods reach it at http://NODE:4443, and as https://www.googleapis.com through
+  the cluster's DNS), holding the real MNIST IDX files under mnist/ (the pods have no egress)."""
+  gcs = GcsEmulator(buckets=(BUCKET,), port=EMULATOR_PORT, host=cluster.node_ip,
+                    netns=cluster.netns).start()
+  for name in IDX_FILES:
+    with open(os.path.join(MNIST_DIR, name), "rb") as f:
+      gcs.write(f"mnist/{name}", f.read())
+  _, cert, key = google_tls
+  https = gcs.serve_tls(443, str(cert), str(key))
+  with open(os.path.join(cluster.state, "coredns", "hosts"), "a") as f:
+    f.write(f"{cluster.node_ip} {' '.join(GOOGLE_HOSTS)}\n")
+  try:
+    yield gcs
+  finally:
+    https.shutdown()
+    https.server_close()
+    gcs.stop()
+
+
+GKE_GPU_LABELS = {"cloud.google.com/gke-accelerator": "nvidia-l4",
+                  "iam.gke.io/gke-metadata-server-enabled": "true",
+                  "node.kubernetes.io/instance-type": "g2-standard-48"}
+GPUS = "4"
+
+
+@pytest.fixture(scope="session")
+def gpu_node(cluster):
+  """The node as GKE shows a 4-GPU L4 node: labels, `nvidia.com/gpu: 4`, and the GPU taint (so
+  that only pods tolerating it land there: the tests' pods must carry the toleration)."""
+  node = cluster.node_name
+  cluster.kubectl("label", "node", node, "--overwrite",
+                  *[f"{k}={v}" for k, v in GKE_GPU_LABELS.items()])
+  gpus = {"nvidia.com/gpu": GPUS}
+  cluster.kubectl("patch", "node", node, "--subresource=status", "--type=merge", "-p",
+                  json.dumps({"status": {"capacity": gpus, "allocatable": gpus}}))
+  cluster.kubectl("taint", "node", node, "nvidia.com/gpu=present:NoSchedule", "--overwrite")
+  assert cluster.get(f"node/{node}", namespace=None)["status"]["allocatable"]["nvidia.com/gpu"] \
+      == GPUS
+  yield node
+  cluster.kubectl("taint", "node", node, "nvidia.com/gpu-", check=False)
