@@ -15,9 +15,12 @@ For the base and each overlay, `kubectl kustomize` renders the objects; then
     TF_CONFIG script (run with bash and sh, with the env JobSet and the Job controller give the
     pod) and the flagfile from the ConfigMap, parses with trainer.flags.parse_argv, for every
     completion index: a typo in a manifest fails here, not in the cluster; two real worker
-    processes then train with the TF_CONFIGs that script produced;
+    processes then train with the TF_CONFIGs that script produced; and it parses into the settings
+    of the flags the overlay is meant to train (TRAINING_FLAGS: the GPU overlays and the JobSet
+    configs/consistent.flags, base the job's defaults, cpu-smoke its tiny settings);
   * the failure policies (Job and JobSet, simulated exit code by exit code), Pod Security
     "restricted" settings, GPU settings, grace periods and cross-references hold on the output.
+The same overlays under the kustomize of each older kubectl: tests/test_k8s_versions.py.
 """
 
 import copy
