@@ -61,9 +61,9 @@ _SHARED_FIXTURE_UNITS = {"test_job": "smoke_run", "test_results": "smoke_run",
 _CLUSTER_PREFIX = "test_cluster_"
 _LONGEST_FIRST = ("image", "smoke_run", "test_bucket_job", "tfds", "test_multi_worker",
                   "test_resume", "test_benchmark", "test_precision", "test_augment_job",
-                  "test_k8s", "test_rerun", "test_report_mode", "test_distribution",
-                  "test_teacher_and_transfer", "test_one_writer", "test_teacher_logits",
-                  "test_peer_loss")
+                  "test_k8s", "test_k8s_versions", "test_rerun", "test_report_mode",
+                  "test_distribution", "test_teacher_and_transfer", "test_one_writer",
+                  "test_teacher_logits", "test_peer_loss")
 
 
 def _unit(nodeid: str) -> str:

@@ -15,9 +15,12 @@ For the base and each overlay, `kubectl kustomize` renders the objects; then
     TF_CONFIG script (run with bash and sh, with the env JobSet and the Job controller give the
     pod) and the flagfile from the ConfigMap, parses with trainer.flags.parse_argv, for every
     completion index: a typo in a manifest fails here, not in the cluster; two real worker
-    processes then train with the TF_CONFIGs that script produced;
+    processes then train with the TF_CONFIGs that script produced; and it parses into the settings
+    of the flags the overlay is meant to train (TRAINING_FLAGS: the GPU overlays and the JobSet
+    configs/consistent.flags, base the job's defaults, cpu-smoke its tiny settings);
   * the failure policies (Job and JobSet, simulated exit code by exit code), Pod Security
     "restricted" settings, GPU settings, grace periods and cross-references hold on the output.
+The same overlays under the kustomize of each older kubectl: tests/test_k8s_versions.py.
 """
 
 import copy
@@ -1286,23 +1289,53 @@ def test_watch_reports_a_failed_run(tmp_path):
   assert _watch(env).returncode == 2  # nothing submitted
 
 
-def test_consistent_recipe_component_parses_and_matches_the_shipped_flagfile(tmp_path,
-                                                                              monkeypatch):
-  """k8s/components/consistent carries configs/consistent.flags line for line, and a pod of
-  the one-Job overlay with it parses into the recipe's settings."""
-  def flag_lines(path):
-    return [line for line in path.read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-  assert flag_lines(K8S / "components" / "consistent" / "flags.txt") == flag_lines(
-      K8S.parent / "configs" / "consistent.flags")
-  docs = _render_with(tmp_path, """
-      apiVersion: kustomize.config.k8s.io/v1beta1
-      kind: Kustomization
-      resources: [../gke-gpu]
-      components: [../../components/consistent]
-      """)
-  job, = _trainer_jobs(docs)
-  argv, env = container_argv(docs, job, _container(_pod_spec(job), TRAINER), None, tmp_path)
-  settings = parse_in_env(argv, env, monkeypatch)
-  assert (settings.augment, settings.teacher_logits) == ("affine", "online")
-  assert settings.mode == "all" and len(settings.students) == 3
+# ---------------------------------------------------------------- which flags each overlay trains
+
+RECIPE = REPO / "configs" / "consistent.flags"
+# The flagfile each target's pods must train with (None: no flags, the job's own defaults, i.e.
+# the local default job): the GPU overlays and the JobSet the measured recipe, which they get from
+# k8s/components/consistent; base, on CPU nodes, the job's defaults; cpu-smoke its tiny settings.
+TRAINING_FLAGS = {"base": None,
+                  "overlays/cpu-smoke": K8S / "overlays" / "cpu-smoke" / "smoke-flags.txt",
+                  **{target: RECIPE for target in GPU_TARGETS}}
+
+
+def _flag_lines(path):
+  return [line for line in path.read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+
+
+def test_consistent_component_carries_the_recipe():
+  """k8s/components/consistent/flags.txt is configs/consistent.flags line for line (kustomize
+  cannot read a file outside k8s/)."""
+  assert _flag_lines(K8S / "components" / "consistent" / "flags.txt") == _flag_lines(RECIPE)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_overlay_trains_its_intended_flags(rendered, target, tmp_path, monkeypatch):
+  """Every trainer pod, every completion index, parses (with the job's own parser) into exactly
+  the settings its args give with TRAINING_FLAGS[target] as the flagfile."""
+  assert set(TRAINING_FLAGS) == set(TARGETS), "say which flags a new overlay trains"
+  docs, flagfile = rendered[target], TRAINING_FLAGS[target]
+  jobs = _trainer_jobs(docs)
+  assert jobs
+  for job in jobs:
+    container = _container(_pod_spec(job), TRAINER)
+    for index in _indexes(job):
+      argv, env = container_argv(docs, job, container, index, tmp_path)
+      assert sum(a.startswith("--flagfile=") for a in argv) == 1, argv
+      expected = [a for a in argv if not a.startswith("--flagfile=")]
+      if flagfile is not None:
+        expected.insert(1, f"--flagfile={flagfile}")
+      got, want = parse_in_env(argv, env, monkeypatch), parse_in_env(expected, env, monkeypatch)
+      got_flags, want_flags = got.flag_dict(), want.flag_dict()
+      differ = {k: (got_flags.get(k), want_flags.get(k))
+                for k in sorted(set(got_flags) | set(want_flags))
+                if got_flags.get(k) != want_flags.get(k)}
+      assert got == want, (f"{target}: {job['metadata']['name']} index {index} trains other "
+                           f"flags than {flagfile} (setting: (pod, intended)): {differ}")
+    if _role(job) == "students":
+      # One pod per --student line, all at once.
+      argv, _ = container_argv(docs, job, container, None, tmp_path)
+      students = parse_in_env(argv, {}, monkeypatch).students
+      assert job["spec"]["completions"] == job["spec"]["parallelism"] == len(students)
