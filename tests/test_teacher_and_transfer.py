@@ -104,8 +104,8 @@ def test_bad_teachers_exit_2_with_nothing_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def half_unlabeled(tmp_path_factory):
-  """Half of the first 8,000 MNIST training images (CI-sized; the README measures a half of
-  the whole split), written as an images-only IDX transfer set."""
+  """Half of the first 8,000 MNIST training images (CI-sized; docs/results/transfer-sets.md
+  measures a half of the whole split), written as an images-only IDX transfer set."""
   images, _ = idx.load_split(MNIST_DIR, "train")
   folder = tmp_path_factory.mktemp("transfer")
   _write_idx(folder / "half-images-idx3-ubyte.gz", images[:4000], idx.IMAGES_MAGIC)

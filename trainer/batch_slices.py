@@ -1,8 +1,8 @@
 """Runs a network over a batch as independent slices, so that CPU cores each take one.
 
 On a CPU, TensorFlow normally spreads every kernel over all cores; for this project's small
-tensors that costs more in synchronisation than it gains (README.md, "Benchmark against the
-notebook's way", has the figures). Cutting each
+tensors that costs more in synchronisation than it gains (docs/design/training-loop.md, "Batch
+slices", has the figures). Cutting each
 replica's batch into one slice per core instead gives the graph independent chains of
 single-threaded kernels (forward, and by the chain rule backward too) that TensorFlow's
 inter-op pool runs side by side. The result is the same function of the batch: per-example

@@ -48,9 +48,9 @@ def reset_metrics(model) -> None:
 def release_in_background(holder: list) -> None:
   """Drops the objects in `holder` (its only references) on a daemon thread.
 
-  Destroying a used tf.data iterator can block its caller for a long time (README.md has what
-  was seen; the root cause was not found). Nothing waits for that destruction, so it need not
-  hold up the next model."""
+  Destroying a used tf.data iterator can block its caller for a long time
+  (docs/design/training-loop.md has what was seen; the root cause was not found). Nothing waits
+  for that destruction, so it need not hold up the next model."""
   objects = list(holder)
   holder.clear()
   threading.Thread(target=objects.clear, name="release-iterator", daemon=True).start()

@@ -128,10 +128,11 @@ class GraceDeadline:
   """After SIGTERM, exits with EXIT_PREEMPTED at `seconds` - GRACE_MARGIN_SECONDS at the latest.
 
   The kubelet sends SIGKILL a grace period after SIGTERM (on Spot VMs GKE gives pods only part
-  of the notice: README.md); a process still uploading then would die without a word. This one
-  says instead what may be missing from the bucket, so the operator knows which steps the rerun
-  will repeat. `pending()` names the uploads still queued when it is known; otherwise the report
-  names the last checkpoint written locally, whose upload may not have finished.
+  of the notice: docs/operations/buckets-and-resume.md); a process still uploading then would
+  die without a word. This one says instead what may be missing from the bucket, so the
+  operator knows which steps the rerun will repeat. `pending()` names the uploads still queued
+  when it is known; otherwise the report names the last checkpoint written locally, whose upload
+  may not have finished.
   """
 
   def __init__(self, seconds: float, pending: Optional[Callable[[], List[str]]] = None,
