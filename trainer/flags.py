@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 from absl import flags
 
+from trainer import tf_config
 from trainer.errors import UsageError
 
 DEFAULT_TEMPERATURE = 4.0
@@ -397,6 +398,7 @@ def _default_model_dir(environ) -> str:
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Settings:
   """Cross-checks the parsed flags and returns Settings; raises UsageError on bad input."""
   environ = os.environ if environ is None else environ
+  tf_config.parse(environ)  # a malformed cluster is bad input, found before anything is written
   if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
     raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
   _check_locations(fv, environ)
