@@ -207,6 +207,19 @@ def _selection_lines(summary: dict) -> list:
   return lines
 
 
+def _given_teacher_lines(summary: dict) -> list:
+  """A teacher given by --teacher_model: where it came from and which file it was, beside its
+  test accuracy, so its row can be compared with the students' (the table has no room)."""
+  lines = []
+  for m in summary["models"]:
+    if m.get("trained_here") is False:
+      lines += ["", f"{m['name']} was not trained here: `{m.get('source')}` "
+                f"({m.get('format')}, sha256 `{m.get('sha256')}`), test accuracy "
+                f"{_pct(m['test_accuracy'])} {_interval(m.get('test_accuracy_interval'))} "
+                "(95% CI)."]
+  return lines
+
+
 def _deployment_lines(summary: dict) -> list:
   models = summary["models"]
   if not any(m.get("exports") for m in models):
@@ -264,6 +277,7 @@ def render_markdown(summary: dict) -> str:
         f"{_pct(m['test_accuracy'])} | {m['test_errors']} | {m['test_loss']:.4f} | "
         f"{_pct(m.get('validation_accuracy'))} | {m['train_seconds']:.1f} | "
         f"{m['train_examples_per_second']:.0f} |")
+  lines += _given_teacher_lines(summary)
   lines += _selection_lines(summary)
   lines += _deployment_lines(summary)
   pictures = summary.get("figures") or ()
