@@ -18,7 +18,7 @@ import logging
 import signal
 from typing import Optional
 
-from trainer import lease, reporting, rerun, runtime, watchdog
+from trainer import disk_full, lease, reporting, rerun, runtime, watchdog
 from trainer.errors import Preempted, StorageError
 from trainer.flags import Settings
 from trainer.model_training import ModelTrainer
@@ -145,6 +145,9 @@ class Job:
       self._release_leases()
       if isinstance(e, Preempted) and uploaded and self.rt and self.rt.storage.remote:
         raise Preempted(f"{e}, uploaded to {self.rt.storage.remote}") from None
+      full = disk_full.explain(e, self.settings, self.rt) if isinstance(e, Exception) else None
+      if full is not None:  # exit 3 and one line, not a traceback
+        raise full from None
       raise
     self._close_storage()
     self._release_leases()

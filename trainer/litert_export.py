@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import export, layout
+from trainer import disk_full, export, layout
 
 LITERT_DIR = "litert"
 FLOAT_FILE = "float32.tflite"
@@ -243,6 +243,8 @@ def _measure_flatbuffer(kind, convert, folder, test_images, test_labels, config)
                                       config.warmup_runs)
     return entry
   except Exception as e:  # pylint: disable=broad-except  # an export must not fail the job
+    if disk_full.disk_full_error(e) is not None:
+      raise  # a full disk is not the converter's failure: the job stops, the rerun redoes it
     logging.warning("LiteRT %s export failed for %s: %s: %s", kind, os.path.basename(folder),
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     if os.path.exists(path):
