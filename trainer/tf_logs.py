@@ -25,8 +25,11 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 _QUIET = {"on": False}
+_CAPTURE = {}  # while hidden_noise() runs: the real stderr's descriptor and the capture file
+_LOCK = threading.Lock()
 _PACKAGES = ("tensorflow", "keras", "tf_keras", "matplotlib")
 # Lines that say nothing to a user of this job (start-up banners, converter chatter).
 _NOISE = (
@@ -81,19 +84,31 @@ def hidden_noise():
   if not _QUIET["on"]:
     yield
     return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as capture:
+  with _LOCK:
+    sys.stderr.flush()
+    capture = tempfile.TemporaryFile()
+    _CAPTURE.update(saved=os.dup(2), file=capture)
     os.dup2(capture.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      gpus = bool(glob.glob("/dev/nvidia[0-9]*"))
-      kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(True)
-              if not _noise(line, gpus)]
-      sys.stderr.write("".join(kept))
-      sys.stderr.flush()
+  try:
+    yield
+  finally:
+    release_stderr()
+
+
+def release_stderr() -> None:
+  """Ends a capture at once (idempotent, from any thread): a watchdog about to os._exit calls
+  it, so that its last line reaches the real stderr instead of the capture."""
+  with _LOCK:
+    saved, capture = _CAPTURE.pop("saved", None), _CAPTURE.pop("file", None)
+    if saved is None:
+      return
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+  with capture:
+    capture.seek(0)
+    gpus = bool(glob.glob("/dev/nvidia[0-9]*"))
+    kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(True)
+            if not _noise(line, gpus)]
+  sys.stderr.write("".join(kept))
+  sys.stderr.flush()
