@@ -123,6 +123,22 @@ def test_full_staging_folder_of_a_bucket_run_exits_3_and_resumes(gcs_emulator, t
     assert "run/results.json" in gcs_emulator.objects("run/")
 
 
+def test_a_disk_full_before_training_exits_3_not_2(tmp_path):
+  """Already full when the job starts: the output location failed, the input is fine."""
+  disk = tmp_path / "disk"
+  with tmpfs(disk, "1m"):
+    with open(disk / "filler", "wb") as f:
+      with pytest.raises(OSError):
+        f.write(b"x" * 2 * 2**20)
+    proc = run_cli([f"--model_dir={disk / 'run'}", *TINY])
+    assert proc.returncode == EXIT_STORAGE, proc.stderr[-3000:]
+    [line] = error_lines(proc.stderr)
+    assert proc.stderr.rstrip().endswith(line) and "Traceback" not in proc.stderr
+    assert line.startswith(f"mnist-distill: error: no space left on the disk of --model_dir "
+                           f"{disk / 'run'} while writing a test file (the check that the "
+                           "folder can be written): this run needs about "), line
+
+
 def test_a_failed_write_names_its_file_and_leaves_no_temporary(tmp_path):
   """Python's write() says 'No space left on device' without naming the file; the job's one
   writer adds the name, which the one line turns into what was being written."""
@@ -148,6 +164,8 @@ def test_a_failed_write_names_its_file_and_leaves_no_temporary(tmp_path):
     ("logs/teacher/train/events.out.tfevents.1.v2", "the TensorBoard logs of teacher"),
     ("teacher_logits/5bab293fd49b7124/train.npy", "the teacher's cached logits"),
     (f"{layout.TMP_PREFIX}9-0a1b2c3d-{layout.RESULTS_JSON}", "the merged report"),
+    (f"{layout.TMP_PREFIX}write-probe-123", "a test file (the check that the folder can be "
+                                             "written)"),
 ])
 def test_what_was_being_written_is_named_by_the_layout(rel, what):
   assert disk_full.describe(rel) == what

@@ -73,6 +73,8 @@ def describe(rel: str) -> str:
   """What the file at `rel` (relative to the run's folder) is, in the model_dir layout."""
   parts = [_plain(p) for p in rel.split("/") if p]
   head, rest = parts[0], parts[1:]
+  if head.startswith(layout.TMP_PREFIX):  # trainer/runtime.py's probe, before anything else
+    return "a test file (the check that the folder can be written)"
   if head == layout.LOGS:
     return f"the TensorBoard logs of {rest[0]}" if rest else "the TensorBoard logs"
   others = {layout.LOGITS_CACHE: "the teacher's cached logits", layout.FIGURES: "the figures",
@@ -191,7 +193,9 @@ def explain(exc: BaseException, s, rt=None) -> Optional[OutputFull]:
   absolute = os.path.abspath(root)
   inside = path and os.path.abspath(path).startswith(absolute + os.sep)
   rel = os.path.relpath(os.path.abspath(path), absolute).replace(os.sep, "/") if inside else ""
-  what = f"{describe(rel)} ({_shown(rel)})" if rel else (path or "a file (the error names none)")
+  what = describe(rel) if rel else (path or "a file (the error names none)")
+  if rel and not _shown(rel).startswith(layout.TMP_PREFIX):
+    what += f" ({_shown(rel)})"
   if not inside and path:  # e.g. a download of an input beside the staging folder
     root = os.path.dirname(path)
   if not inside:
