@@ -242,8 +242,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool(
       "verbose_tf", False,
       "Also log TensorFlow's and Keras' own lines: start-up banners (oneDNN, CUDA, CPU "
-      "instructions), checkpoint and SavedModel internals, the LiteRT converter's. Off: the "
-      "job's own lines and every warning and error.", flag_values=fv)
+      "instructions), checkpoint and SavedModel internals, the LiteRT converter's, C++ "
+      "warnings. Off: the job's own lines, Python warnings and every error.", flag_values=fv)
   flags.DEFINE_string("profile_steps", None,
                       "START,END: write a profiler trace for these global steps of each model.",
                       flag_values=fv)
