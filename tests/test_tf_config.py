@@ -1,8 +1,8 @@
 """A malformed TF_CONFIG is bad input: exit 2, one line naming the mistake, nothing written.
 
-Before, only invalid JSON was refused; a task outside its cluster ended in TensorFlow's
-ValueError (exit 1) after the run folder was created, and an address without a port left the
-group waiting."""
+Before, only invalid JSON was refused (after the run folder was created); a task outside its
+cluster ended in TensorFlow's ValueError (exit 1), and a duplicated address, a port above 65535
+or a `ps` job left the process waiting (each of these cases fails against that code)."""
 
 import json
 import os

@@ -1,10 +1,11 @@
 """TF_CONFIG, read and checked without TensorFlow: the cluster and this process's task.
 
 A malformed TF_CONFIG is bad input. TensorFlow finds most mistakes only once the strategy
-starts (after the run folder was created), as a ValueError and exit 1, and some never: a worker
-address without a port or a duplicated address leaves the group waiting for a peer that cannot
-come. So the flags check it (trainer/flags.py), before anything is written, and a mistake is
-one line naming the field (exit 2).
+starts, after the run folder was created, as a traceback and exit 1 (a task outside its
+cluster, a second chief, an address without a port), and some never: with a duplicated
+address, a port above 65535 or a `ps` job the process was still waiting after 90 s. So the
+flags check it (trainer/flags.py), before anything is written, and a mistake is one line
+naming the field (exit 2).
 
 Only what this job runs is accepted: MultiWorkerMirroredStrategy with `chief` and `worker`
 tasks (no parameter servers, no evaluator), each at one `host:port`.
