@@ -23,7 +23,8 @@ def smoke_run(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("smoke") / "run"
   proc = run_cli([f"--model_dir={model_dir}", *SMOKE_ARGS])  # a fresh process: its thread
   assert proc.returncode == 0, proc.stderr[-4000:]  # settings are the job's own (results.json)
-  return {"model_dir": str(model_dir), "stderr": proc.stderr, "args": SMOKE_ARGS}
+  return {"model_dir": str(model_dir), "stderr": proc.stderr, "stdout": proc.stdout,
+          "args": SMOKE_ARGS}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,10 @@ import glob
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import tensorflow as tf
 
 from trainer import batch_slices, idx
 
-from helpers import MNIST_DIR, SMOKE_ARGS, tree_digest
+from helpers import MNIST_DIR, REPO, SMOKE_ARGS, cli_env, tree_digest
 from inprocess import run_job
 from tb_events import events
 
@@ -68,6 +72,71 @@ def test_results_report(smoke_run):
     table = f.read()
   for name in MODELS:
     assert f"| {name} |" in table
+
+
+def test_run_ends_with_a_summary(smoke_run):
+  """The run's last lines say what it found and where to look, in agreement with results.json."""
+  root = smoke_run["model_dir"]
+  with open(f"{root}/results.json") as f:
+    summary = json.load(f)
+  lines = smoke_run["stdout"].splitlines()
+  assert lines[0] == (f"mnist-distill: done: 4 model(s) in {root}, test accuracy with its 95% "
+                      "interval:")
+  for line, model in zip(lines[1:5], summary["models"]):
+    low, high = (100 * model["test_accuracy_interval"][k] for k in ("lower", "upper"))
+    assert line.split() == [model["name"], f"{100 * model['test_accuracy']:.2f}%",
+                            f"[{low:.2f},", f"{high:.2f}]", str(model["test_errors"]), "errors",
+                            "of", "512"]
+  choice = summary["selection"]
+  chosen = choice["chosen"]
+  assert lines[5].startswith(f"Chosen student: {chosen}" + (
+      f", by the tie-break ({choice['tie_break']})" if choice["tie_break"] else
+      ": the lowest validation cross-entropy")), lines[5]
+  assert lines[6] == f"Report: {root}/results.md (and results.json)"
+  assert lines[7] == (f"Exported models (export/ SavedModel, model.keras, litert/*.tflite) in "
+                      f"{root}/<model>/ for teacher, distilled, labels_only, teacher_only; the "
+                      f"chosen student's SavedModel: {root}/{chosen}/export")
+  assert lines[8] == f"TensorBoard: tensorboard --logdir {root}/logs"
+  assert len(lines) == 9
+  for path in (f"{root}/results.md", f"{root}/{chosen}/export/saved_model.pb",
+               *(f"{root}/{m}/litert/float32.tflite" for m in MODELS), f"{root}/logs/teacher"):
+    assert os.path.exists(path), path
+
+
+# TensorFlow's and Keras' own lines, kept out of the log unless --verbose_tf.
+TF_NOISE = ("Sharding callback duration", "Writing fingerprint", "contains input name(s)",
+            "oneDNN custom operations", "Could not find cuda drivers", "cpu_feature_guard",
+            "absl::InitializeLog", "XNNPACK delegate", "fully_quantize")
+LOG_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ (\w+)\.py:\d+\] ")
+
+
+def _retrain_distilled(smoke_run, folder, *extra):
+  """The smoke run again with one student retrained (a checkpoint, a SavedModel, LiteRT), with
+  TF_CPP_MIN_LOG_LEVEL unset as a user's shell has it."""
+  shutil.copytree(smoke_run["model_dir"], folder)
+  env = cli_env()
+  del env["TF_CPP_MIN_LOG_LEVEL"]
+  proc = subprocess.run([sys.executable, "-m", "trainer", f"--model_dir={folder}",
+                         *smoke_run["args"], "--retrain=distilled", *extra], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr.splitlines()
+
+
+def test_tensorflow_lines_are_quiet_by_default_and_one_flag_away(smoke_run, tmp_path):
+  for lines in (smoke_run["stderr"].splitlines(),
+                _retrain_distilled(smoke_run, tmp_path / "quiet")):
+    assert not [line for line in lines if any(text in line for text in TF_NOISE)]
+    # Nothing but the job's own lines, from its own modules.
+    assert [line for line in lines if not LOG_LINE.match(line)] == []
+    modules = {LOG_LINE.match(line).group(1) for line in lines}
+    assert all(os.path.isfile(os.path.join(REPO, "trainer", f"{m}.py")) for m in modules), modules
+  assert sum(" distilled epoch " in line for line in lines) == 2
+  loud = _retrain_distilled(smoke_run, tmp_path / "loud", "--verbose_tf")
+  for text in ("Sharding callback duration", "Writing fingerprint", "oneDNN custom operations",
+               "XNNPACK delegate"):
+    assert [line for line in loud if text in line], text
+  assert len(loud) > 2 * len(lines)
 
 
 def test_tensorboard_scalars_per_epoch(smoke_run):

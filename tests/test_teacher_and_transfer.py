@@ -1,6 +1,7 @@
 """--teacher_model and transfer sets through the whole job (issue: bring your own teacher)."""
 
 import gzip
+import hashlib
 import os
 import struct
 
@@ -61,6 +62,40 @@ def test_outside_teacher_distills_a_student_and_is_the_teacher_row(fmt, keras_te
   assert student["settings"]["teacher"]["source"] == keras_teacher[fmt]
 
 
+def _teacher_row(report):
+  return {m["name"]: m for m in report["models"]}["teacher"]
+
+
+@pytest.mark.parametrize("mode", ["all", "students"])
+def test_outside_teacher_has_its_row_in_both_modes(mode, keras_teacher, tmp_path):
+  """results.json and results.md give the given teacher's test accuracy, interval, origin and
+  digest whichever mode distilled from it; Indexed-Job pods (--mode=students, one student
+  each) write that row once and reuse it."""
+  run_dir = tmp_path / "run"
+  path = keras_teacher["keras"]
+  with open(path, "rb") as f:
+    sha256 = hashlib.sha256(f.read()).hexdigest()
+  args = [f"--model_dir={run_dir}", *SMALL, "--student_epochs=1", f"--mode={mode}",
+          f"--teacher_model={path}", "--student=d:alpha=1", "--student=e:alpha=0.5"]
+  summary = run_job([*args, "--student_index=0"])
+  for report in (summary, layout.read_json(str(run_dir / layout.RESULTS_JSON))):
+    assert [m["name"] for m in report["models"]] == ["teacher", "d"]
+    teacher = _teacher_row(report)
+    assert (teacher["trained_here"], teacher["source"], teacher["sha256"]) == (False, path, sha256)
+    assert teacher["test_accuracy"] == pytest.approx(keras_teacher["accuracy"], abs=1e-9)
+    interval = teacher["test_accuracy_interval"]
+    assert interval["lower"] < teacher["test_accuracy"] < interval["upper"]
+  markdown = (run_dir / layout.RESULTS_MD).read_text()
+  assert f"| teacher | teacher | {teacher['params']:,} |" in markdown
+  assert (f"teacher was not trained here: `{path}` (keras, sha256 `{sha256}`), test accuracy "
+          f"{100 * teacher['test_accuracy']:.2f}% [{100 * interval['lower']:.2f}, "
+          f"{100 * interval['upper']:.2f}] (95% CI)") in markdown
+  written = tree_digest(run_dir / "teacher")
+  summary = run_job([*args, "--student_index=1"])  # the next pod: the row is there already
+  assert [m["name"] for m in summary["models"]] == ["teacher", "d", "e"]
+  assert _teacher_row(summary) == teacher and tree_digest(run_dir / "teacher") == written
+
+
 def test_students_mode_with_outside_teacher_and_a_changed_teacher_refused(keras_teacher,
                                                                           tmp_path):
   args = [f"--model_dir={tmp_path}/run", *SMALL, "--student_epochs=1", "--mode=students",
@@ -70,6 +105,21 @@ def test_students_mode_with_outside_teacher_and_a_changed_teacher_refused(keras_
   with pytest.raises(UsageError, match="d: the finished model was made under other settings"):
     run_job([*args, f"--teacher_model={keras_teacher['savedmodel']}"])
   assert tree_digest(f"{tmp_path}/run") == before
+
+
+def test_students_mode_keeps_no_row_of_another_teacher(keras_teacher, tmp_path):
+  """A row of teacher X is not left beside students of teacher Y: refused (exit 2, nothing
+  changed), and --retrain=teacher replaces the row."""
+  args = [f"--model_dir={tmp_path}/run", *SMALL, "--student_epochs=1", "--mode=students"]
+  run_job([*args, f"--teacher_model={keras_teacher['keras']}", "--student=d:alpha=1"])
+  before = tree_digest(f"{tmp_path}/run")
+  other = [*args, f"--teacher_model={keras_teacher['savedmodel']}", "--student=f:alpha=1"]
+  with pytest.raises(UsageError, match="teacher: the finished model was made under other "
+                                       "settings: format: "):
+    run_job(other)
+  assert tree_digest(f"{tmp_path}/run") == before
+  summary = run_job([*other, "--retrain=teacher"])
+  assert _teacher_row(summary)["source"] == keras_teacher["savedmodel"]
 
 
 def _bad_teachers(folder):

@@ -1,8 +1,10 @@
 """Entry point of `mnist-distill` and `python -m trainer`: flags in, exit code out.
 
 Every failure ends as one line on stderr and a documented exit code (trainer/errors.py):
-0 done, 1 unexpected failure, 2 bad input (before any training), 3 bucket unreachable,
-4 a multi-worker peer was lost, 143 stopped by SIGTERM after a checkpoint.
+0 done, 1 unexpected failure, 2 bad input (before any training), 3 the output location failed
+(bucket unreachable, disk full), 4 a multi-worker peer was lost, 5 a model's lease is held
+elsewhere, 143 stopped by SIGTERM after a checkpoint. A finished run ends with a short summary
+on stdout (trainer/run_summary.py).
 """
 
 import logging as std_logging
@@ -11,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from trainer import errors
+from trainer import errors, tf_logs
 from trainer.flags import define_flags, settings_from_flags
 
 define_flags()
@@ -64,14 +66,36 @@ def parse_flags_or_exit(argv):
   return rest
 
 
+def _start_tensorflow():
+  """Imports the job (TensorFlow, Keras, the LiteRT interpreter) and lists the GPUs once, so that
+  their start-up banners are printed here, where tf_logs hides them."""
+  with tf_logs.hidden_noise():
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    from trainer import job  # pylint: disable=import-outside-toplevel
+    tf.config.list_physical_devices("GPU")
+  return job.Job
+
+
+def _print_summary(summary, settings) -> None:
+  if summary is None:  # a multi-worker run's other workers: the chief reports
+    return
+  from trainer import run_summary  # pylint: disable=import-outside-toplevel
+  for handler in std_logging.getLogger().handlers:  # the log's last lines come first
+    handler.flush()
+  print("\n".join(run_summary.lines(summary, settings.model_dir)), flush=True)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+  if not FLAGS.verbose_tf:
+    tf_logs.quiet()  # before TensorFlow loads: it reads TF_CPP_MIN_LOG_LEVEL once
   try:
     settings = settings_from_flags(FLAGS)
-    from trainer.job import Job  # imports TensorFlow: only after the flags are good
-    Job(settings).run()
+    job_class = _start_tensorflow()  # only after the flags are good
+    _print_summary(job_class(settings).run(), settings)
     _exit_multi_worker(errors.EXIT_OK)
   except (errors.UsageError, errors.StorageError, errors.Preempted, errors.PeerLost) as e:
     _fail(e.exit_code, str(e) if not isinstance(e, errors.PeerLost) else f"PeerLost: {e}")

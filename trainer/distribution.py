@@ -10,16 +10,14 @@ issues other collectives (diverged progress) is caught by the check in trainer/l
 the first step, and by trainer/watchdog.py as a last resort.
 """
 
-import json
 import logging
-import os
 import signal
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from trainer import watchdog
+from trainer import tf_config, watchdog
 from trainer.errors import PeerLost, UsageError
 
 # The kinds of error a collective ends with when a peer worker is gone: connection reset
@@ -48,16 +46,9 @@ def split_cpu(num_devices: int) -> None:
 
 
 def tf_config_workers(environ=None) -> int:
-  """Number of workers (chief included) that TF_CONFIG names; 0 without TF_CONFIG."""
-  environ = os.environ if environ is None else environ
-  raw = environ.get("TF_CONFIG")
-  if not raw:
-    return 0
-  try:
-    cluster = json.loads(raw).get("cluster", {})
-  except (ValueError, AttributeError):
-    raise UsageError("TF_CONFIG is not valid JSON") from None
-  return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+  """Number of workers (chief included) that TF_CONFIG names; 0 without TF_CONFIG. A malformed
+  TF_CONFIG is a UsageError (trainer/tf_config.py)."""
+  return tf_config.worker_count(environ)
 
 
 def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:

@@ -7,7 +7,9 @@ contract: never renumber them.
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure: worth a retry
 EXIT_USAGE = 2  # bad flags, data or model_dir: a retry cannot help
-EXIT_STORAGE = 3  # bucket stayed unreachable after retries mid-run: retry when it is back
+EXIT_STORAGE = 3  # the output location failed mid-run (bucket unreachable after retries, or
+#                  the disk under the run's folder full): what was written stays usable, and
+#                  a rerun resumes once the location works again
 EXIT_PEER_LOST = 4  # multi-worker: a peer worker is gone or stuck; restart the whole group
 EXIT_BUSY = 5  # another process holds the model's lease (trainer/lease.py): retry later
 EXIT_PREEMPTED = 143  # SIGTERM received; a checkpoint was written; retry resumes
@@ -21,6 +23,16 @@ class UsageError(Exception):
 
 class StorageError(Exception):
   """The bucket could not be reached even after retries: exits with EXIT_STORAGE."""
+
+  exit_code = EXIT_STORAGE
+
+
+class OutputFull(Exception):
+  """The disk under the run's folder (--model_dir, or a gs:// run's staging folder) is full:
+  exits with EXIT_STORAGE, like an unreachable bucket, because it is the same failure for an
+  operator (the output location, not the input; the last checkpoint is kept and the rerun
+  resumes once there is room) and the same Kubernetes policy (retry). See
+  trainer/disk_full.py."""
 
   exit_code = EXIT_STORAGE
 
@@ -58,4 +70,4 @@ class ModelBusy(Exception):
 
 
 # Errors the CLI reports as their one-line message and exit code.
-JOB_ERRORS = (NonFiniteLoss, ModelBusy)
+JOB_ERRORS = (NonFiniteLoss, ModelBusy, OutputFull)

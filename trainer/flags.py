@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 from absl import flags
 
+from trainer import tf_config
 from trainer.errors import UsageError
 
 DEFAULT_TEMPERATURE = 4.0
@@ -238,6 +239,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "Split the CPU into N logical devices (MirroredStrategy without GPUs).",
                        lower_bound=1, flag_values=fv)
   # Observability.
+  flags.DEFINE_bool(
+      "verbose_tf", False,
+      "Also log TensorFlow's and Keras' own lines: start-up banners (oneDNN, CUDA, CPU "
+      "instructions), checkpoint and SavedModel internals, the LiteRT converter's, C++ "
+      "warnings. Off: the job's own lines, Python warnings and every error.", flag_values=fv)
   flags.DEFINE_string("profile_steps", None,
                       "START,END: write a profiler trace for these global steps of each model.",
                       flag_values=fv)
@@ -397,6 +403,7 @@ def _default_model_dir(environ) -> str:
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Settings:
   """Cross-checks the parsed flags and returns Settings; raises UsageError on bad input."""
   environ = os.environ if environ is None else environ
+  tf_config.parse(environ)  # a malformed cluster is bad input, found before anything is written
   if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
     raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
   _check_locations(fv, environ)

@@ -18,10 +18,11 @@ import logging
 import signal
 from typing import Optional
 
-from trainer import lease, reporting, rerun, runtime, watchdog
+from trainer import disk_full, lease, reporting, rerun, runtime, watchdog
 from trainer.errors import Preempted, StorageError
 from trainer.flags import Settings
 from trainer.model_training import ModelTrainer
+from trainer.runtime import TEACHER
 from trainer.student_phase import StudentPhase
 from trainer.teacher_phase import TeacherPhase
 
@@ -98,6 +99,20 @@ class Job:
         ok = False
     return ok
 
+  def _report_given_teacher(self):
+    """--mode=students with --teacher_model: the given teacher's row, as in --mode=all. Its
+    lease is held only while the row is written: the Indexed-Job pods of one run all come here,
+    the first writes it and the others find it finished, and none waits on another's students."""
+    self._take_leases([TEACHER])
+    try:
+      if TEACHER in self.settings.retrain:
+        rerun.discard(self.rt, TEACHER)
+      return self.teacher.run()
+    finally:
+      held = self.trainer.leases.pop(TEACHER, None)
+      if held is not None:
+        held.release()
+
   def _run_modes(self):
     s = self.settings
     if s.mode == "report":
@@ -109,6 +124,8 @@ class Job:
     rerun.discard_retrained(s, self.rt)
     teacher = self.teacher.run() if s.mode in ("all", "teacher") else None
     if s.mode in ("all", "students"):
+      if rerun.reports_given_teacher(s):
+        teacher = self._report_given_teacher()
       if teacher is None:
         teacher = self.teacher.for_students()
       cached = self.students.teacher_logits(teacher) if s.teacher_logits == "cached" else None
@@ -128,6 +145,9 @@ class Job:
       self._release_leases()
       if isinstance(e, Preempted) and uploaded and self.rt and self.rt.storage.remote:
         raise Preempted(f"{e}, uploaded to {self.rt.storage.remote}") from None
+      full = disk_full.explain(e, self.settings, self.rt) if isinstance(e, Exception) else None
+      if full is not None:  # exit 3 and one line, not a traceback
+        raise full from None
       raise
     self._close_storage()
     self._release_leases()

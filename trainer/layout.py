@@ -77,6 +77,11 @@ def atomic_path(final: str):
       elif os.path.exists(final):
         os.remove(final)
     os.replace(tmp, final)
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      # A failed write() names no file (a full disk, say): name the one that failed.
+      raise OSError(e.errno, e.strerror, final) from e
+    raise
   finally:
     _remove(tmp)
 

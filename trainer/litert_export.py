@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import export, layout
+from trainer import disk_full, export, layout, tf_logs
 
 LITERT_DIR = "litert"
 FLOAT_FILE = "float32.tflite"
@@ -230,11 +230,12 @@ def _measure_flatbuffer(kind, convert, folder, test_images, test_labels, config)
   rel = f"{LITERT_DIR}/{FLOAT_FILE if kind == 'float32' else INT8_FILE}"
   path = os.path.join(folder, *rel.split("/"))
   try:
-    start = time.perf_counter()
-    content = convert()
-    convert_seconds = time.perf_counter() - start
-    layout.write_bytes(path, content)
-    classes = predict_classes(path, test_images, config.eval_batch_size)  # the file as written
+    with tf_logs.hidden_noise():  # the converter's and the interpreter's own C++ lines
+      start = time.perf_counter()
+      content = convert()
+      convert_seconds = time.perf_counter() - start
+      layout.write_bytes(path, content)
+      classes = predict_classes(path, test_images, config.eval_batch_size)  # as written
     errors = int(np.sum(classes != np.asarray(test_labels)))
     entry = {"path": rel, "bytes": os.path.getsize(path), "convert_seconds": convert_seconds,
              "test_accuracy": 1.0 - errors / max(len(test_labels), 1), "test_errors": errors,
@@ -243,6 +244,8 @@ def _measure_flatbuffer(kind, convert, folder, test_images, test_labels, config)
                                       config.warmup_runs)
     return entry
   except Exception as e:  # pylint: disable=broad-except  # an export must not fail the job
+    if disk_full.disk_full_error(e) is not None:
+      raise  # a full disk is not the converter's failure: the job stops, the rerun redoes it
     logging.warning("LiteRT %s export failed for %s: %s: %s", kind, os.path.basename(folder),
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     if os.path.exists(path):

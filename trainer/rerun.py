@@ -75,6 +75,15 @@ def check(s: Settings, rt: Runtime, teacher_record: dict,
               "again")
       else:
         _compare(spec.name, rt, student_record(spec, teacher_sha256))
+  if reports_given_teacher(s) and TEACHER not in s.retrain:
+    # After the students: a student of another teacher says so first (its teacher digest).
+    _compare(TEACHER, rt, teacher_record)
+
+
+def reports_given_teacher(s: Settings) -> bool:
+  """--mode=students with --teacher_model also writes the given teacher's row, as --mode=all
+  does (a row of another teacher would sit beside students it did not teach)."""
+  return s.mode == "students" and bool(s.teacher_model)
 
 
 def models_trained(s: Settings) -> list:

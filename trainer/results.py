@@ -159,6 +159,24 @@ def _p_value(value):
   return "" if value is None else (f"{value:.2g}" if value < 0.001 else f"{value:.3f}")
 
 
+def verdict(choice: dict, emphasis: str = "") -> str:
+  """The choice of student and its reason in one sentence (results.md, the run's last lines);
+  `emphasis` goes around the chosen name (Markdown's '**')."""
+  chosen = choice.get("chosen")
+  if chosen is None:
+    return f"No student chosen: {choice['why']}"
+  name = f"{emphasis}{chosen}{emphasis}"
+  if choice["tie_break"] is None:
+    return (f"Chosen student: {name}: the lowest validation cross-entropy, and significantly "
+            f"more accurate on validation than every other student.")
+  if not choice["significant"]:
+    return (f"Chosen student: {name}, by the tie-break ({choice['tie_break']}): no difference "
+            f"between the students is significant on validation (level {choice['level']:g}), so "
+            f"none is crowned the best.")
+  return (f"Chosen student: {name}, by the tie-break ({choice['tie_break']}) among the students "
+          f"the leader does not significantly beat: {', '.join(choice['candidates'])}.")
+
+
 def _selection_lines(summary: dict) -> list:
   choice = summary.get("selection")
   if not choice:
@@ -167,18 +185,7 @@ def _selection_lines(summary: dict) -> list:
   chosen = choice.get("chosen")
   if chosen is None:
     return lines + [choice["why"]]
-  if choice["tie_break"] is None:
-    verdict = (f"Chosen student: **{chosen}**: the lowest validation cross-entropy, and "
-               f"significantly more accurate on validation than every other student.")
-  elif not choice["significant"]:
-    verdict = (f"Chosen student: **{chosen}**, by the tie-break ({choice['tie_break']}): no "
-               f"difference between the students is significant on validation (level "
-               f"{choice['level']:g}), so none is crowned the best.")
-  else:
-    verdict = (f"Chosen student: **{chosen}**, by the tie-break ({choice['tie_break']}) among "
-               f"the students the leader does not significantly beat: "
-               f"{', '.join(choice['candidates'])}.")
-  lines += [verdict, "", choice["why"], "",
+  lines += [verdict(choice, emphasis="**"), "", choice["why"], "",
             f"Criterion: {choice['criterion_description']}; test: {choice['test']}, on the "
             f"{choice['validation_examples']:,} validation examples.", ""]
   by_name = {m["name"]: m for m in summary["models"]}
@@ -204,6 +211,19 @@ def _selection_lines(summary: dict) -> list:
                  if significant else f"no difference is significant at {choice['level']:g}.")]
   if choice.get("missing"):
     lines += ["", f"Left out (no validation outputs): {', '.join(choice['missing'])}."]
+  return lines
+
+
+def _given_teacher_lines(summary: dict) -> list:
+  """A teacher given by --teacher_model: where it came from and which file it was, beside its
+  test accuracy, so its row can be compared with the students' (the table has no room)."""
+  lines = []
+  for m in summary["models"]:
+    if m.get("trained_here") is False:
+      lines += ["", f"{m['name']} was not trained here: `{m.get('source')}` "
+                f"({m.get('format')}, sha256 `{m.get('sha256')}`), test accuracy "
+                f"{_pct(m['test_accuracy'])} {_interval(m.get('test_accuracy_interval'))} "
+                "(95% CI)."]
   return lines
 
 
@@ -264,6 +284,7 @@ def render_markdown(summary: dict) -> str:
         f"{_pct(m['test_accuracy'])} | {m['test_errors']} | {m['test_loss']:.4f} | "
         f"{_pct(m.get('validation_accuracy'))} | {m['train_seconds']:.1f} | "
         f"{m['train_examples_per_second']:.0f} |")
+  lines += _given_teacher_lines(summary)
   lines += _selection_lines(summary)
   lines += _deployment_lines(summary)
   pictures = summary.get("figures") or ()

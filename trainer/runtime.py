@@ -14,7 +14,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from trainer import batch_slices, data, distribution, layout, storage, transfer_set
+from trainer import batch_slices, data, disk_full, distribution, layout, storage, transfer_set
 from trainer.errors import UsageError
 from trainer.flags import Settings
 from trainer.outside_teacher import OutsideTeacher, load_teacher
@@ -76,6 +76,8 @@ def _ensure_writable(folder: str) -> None:
     layout.write_text(probe, "ok")
     os.remove(probe)
   except OSError as e:
+    if disk_full.disk_full_error(e) is not None:
+      raise  # the output location failed, not the input: exit 3 (trainer/job.py)
     raise UsageError(f"--model_dir {folder} is not writable: {e.strerror or e}") from None
 
 

@@ -755,6 +755,17 @@ def _staging_base() -> str:
           or os.path.join(tempfile.gettempdir(), "mnist-distill-staging"))
 
 
+def local_folder(model_dir: str, staging_root: Optional[str] = None,
+                 flag_name: str = "--model_dir") -> str:
+  """Where the run's files are written on this machine: a local model_dir itself, a gs:// one's
+  staging folder (staging_root/<bucket>/<prefix>). Creates nothing."""
+  location = parse_location(model_dir, flag_name)
+  if not location:
+    return model_dir
+  bucket, prefix = location
+  return _join(os.path.join(staging_root or _staging_base(), bucket), prefix)
+
+
 def open_storage(model_dir: str, staging_root: Optional[str] = None,
                  flag_name: str = "--model_dir") -> RunStorage:
   """RunStorage for --model_dir: local paths as is, gs:// via a local staging folder.
@@ -764,12 +775,8 @@ def open_storage(model_dir: str, staging_root: Optional[str] = None,
   A malformed URL is a UsageError naming `flag_name` (parse_location).
   """
   location = parse_location(model_dir, flag_name)
-  if location:
-    bucket, prefix = location
-    local_dir = _join(os.path.join(staging_root or _staging_base(), bucket), prefix)
-    storage = RunStorage(local_dir=local_dir, remote=location_url(bucket, prefix))
-  else:
-    storage = RunStorage(local_dir=model_dir, remote=None)
+  local_dir = local_folder(model_dir, staging_root, flag_name)
+  storage = RunStorage(local_dir=local_dir, remote=location_url(*location) if location else None)
   try:
     os.makedirs(storage.local_dir, exist_ok=True)
   except OSError as e:

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+from trainer import tf_logs
 from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, UsageError
 
 TIMEOUT_ENV = "MNIST_DISTILL_COLLECTIVE_TIMEOUT_SECONDS"
@@ -34,6 +35,7 @@ GRACE_MARGIN_SECONDS = 2.0
 def _die(code: int, message: str) -> None:
   """Last words on stderr (the one-line error format of trainer/cli.py), then exit at once."""
   try:
+    tf_logs.release_stderr()  # not into a capture of TensorFlow's noise, which dies with us
     logging.error("%s", message)
     print(f"mnist-distill: error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
