@@ -367,14 +367,16 @@ image_from_binary() {
 ctr_() { in_ns ctr --address "$state/containerd/containerd.sock" -n k8s.io "$@"; }
 
 # load REF... : copy images from buildah's storage into containerd. containerd's image store is
-# cached across clusters, so an image whose buildah ID was loaded before is not copied again.
+# cached across clusters: an image (by buildah's ID) loaded before under any name is only tagged.
 load_images() {
-  local ref id record
+  local ref id record loaded
   for ref in "$@"; do
     id=$(buildah inspect --type image --format '{{.FromImageID}}' "$ref" 2>/dev/null) \
       || die "no image $ref in buildah's storage"
-    record=$cache/containerd-loaded/$(echo "$ref" | tr '/:@' '___')
-    if [ "$(cat "$record" 2>/dev/null)" = "$id" ] && ctr_ images ls -q | grep -qxF "$ref"; then
+    record=$cache/containerd-loaded/$id
+    loaded=$(cat "$record" 2>/dev/null || true)
+    if [ -n "$loaded" ] && ctr_ images ls -q | grep -qxF "$loaded"; then
+      [ "$loaded" = "$ref" ] || ctr_ images tag --force "$loaded" "$ref" >/dev/null
       continue
     fi
     local start=$SECONDS tar=$state/load.tar
@@ -382,7 +384,7 @@ load_images() {
     buildah push --quiet "$ref" "docker-archive:$tar:$ref" >/dev/null
     ctr_ images import "$tar" >/dev/null
     rm -f "$tar"
-    mkdir -p "$(dirname "$record")" && echo "$id" > "$record"
+    mkdir -p "$(dirname "$record")" && echo "$ref" > "$record"
     log "loaded $ref in $((SECONDS - start)) s"
   done
 }
