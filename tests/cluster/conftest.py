@@ -98,10 +98,12 @@ GKE_GPU_LABELS = {"cloud.google.com/gke-accelerator": "nvidia-l4",
 GPUS = "4"
 
 
-@pytest.fixture(scope="session")
-def gpu_node(cluster):
+@pytest.fixture(scope="module")
+def gpu_node(cluster, jobset):
   """The node as GKE shows a 4-GPU L4 node: labels, `nvidia.com/gpu: 4`, and the GPU taint (so
-  that only pods tolerating it land there: the tests' pods must carry the toleration)."""
+  that only pods tolerating it land there: the tests' pods must carry the toleration). JobSet is
+  installed first: its controller, like any pod without the toleration, could not start after.
+  Per module: the taint goes at the module's end, so later modules' CPU pods can land again."""
   node = cluster.node_name
   cluster.kubectl("label", "node", node, "--overwrite",
                   *[f"{k}={v}" for k, v in GKE_GPU_LABELS.items()])

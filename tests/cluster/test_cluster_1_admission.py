@@ -4,6 +4,7 @@ applied where the JobSet CRD is missing (the JobSet controller is installed only
 
 import copy
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -106,3 +107,20 @@ def test_jobset_overlay_without_the_jobset_crd(cluster, tmp_path):
     assert not cluster.get("jobs")["items"]  # nothing trains, nothing asks for a GPU
   finally:
     cluster.delete_namespace()
+
+
+def test_the_cluster_has_no_way_out(cluster):
+  """Containment: the cluster's network namespace holds loopback (with the node address), the
+  pods' bridge and its veths, and nothing else: no link out, no default route."""
+  links = json.loads(subprocess.run(cluster.in_netns(["ip", "-j", "link"]), check=True,
+                                    capture_output=True, text=True).stdout)
+  names = {link["ifname"] for link in links}
+  assert names <= {"lo", "cni0"} | {n for n in names if n.startswith("veth")}, names
+  routes = json.loads(subprocess.run(cluster.in_netns(["ip", "-j", "route"]), check=True,
+                                     capture_output=True, text=True).stdout)
+  assert not [r for r in routes if r.get("dst") == "default"], routes
+  # Nothing outside is routable, whatever address a pod (routed through here) asks for.
+  for address in ("1.1.1.1", "10.0.0.1", "192.168.1.1"):
+    proc = subprocess.run(cluster.in_netns(["ip", "route", "get", address]),
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "unreachable" in proc.stderr, (address, proc.stdout)

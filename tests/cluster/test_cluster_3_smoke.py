@@ -1,0 +1,68 @@
+"""cpu-smoke, the overlay a person tries first on kind or minikube, on the real cluster: the run
+folder is a PersistentVolumeClaim, TensorBoard a native sidecar in the Job's pod."""
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from local_cluster import NAMESPACE, condition, prepare, record
+
+FIRST_EPOCH = re.compile(r"teacher epoch 1/\d+:")
+
+
+@pytest.fixture()
+def runs_volume(cluster, tmp_path):
+  """cpu-smoke's claim `mnist-distill-runs` bound to a hostPath PersistentVolume made for it (the
+  cluster has no default StorageClass; the pod itself mounts only the claim, which Pod Security
+  `restricted` allows)."""
+  folder = tmp_path / "runs"
+  folder.mkdir()
+  os.chown(folder, 10001, 10001)  # hostPath volumes get no fsGroup ownership change
+  volume = {"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "mnist-distill-runs-test"},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(folder)},
+                     "claimRef": {"namespace": NAMESPACE, "name": "mnist-distill-runs"}}}
+  cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
+  yield folder
+  cluster.kubectl("delete", "pv", "mnist-distill-runs-test", "--wait=false")
+
+
+def test_cpu_smoke_completes_with_its_tensorboard_sidecar(cluster, cluster_image, bucket,
+                                                          google_tls, runs_volume, tmp_path):
+  """cpu-smoke as on kind or minikube: the run folder is its volume, TensorBoard a native sidecar
+  of the Job's pod that serves while the trainer runs and stops with it."""
+  try:
+    target = prepare(tmp_path, "cpu-smoke", cluster_image, "/runs/smoke",
+                     files={"local-cluster/ca.crt": google_tls[0].read_bytes()})
+    started = time.monotonic()
+    cluster.kubectl("apply", "-k", str(target))
+    pod = cluster.wait_until("the trainer pod", lambda: cluster.get(
+        "pods -l job-name=mnist-distill")["items"], 120)[0]["metadata"]["name"]
+    # One watch over the whole run: the first epoch line, the sidecar's readiness (its probe
+    # fetches TensorBoard's page) while the trainer runs, and the end.
+    first_epoch, sidecar_ready, job = None, False, None
+    deadline = started + 900
+    while job is None and time.monotonic() < deadline:
+      if first_epoch is None and FIRST_EPOCH.search(cluster.logs(pod)):
+        first_epoch = time.monotonic() - started
+      statuses = cluster.get(f"pod/{pod}")["status"].get("initContainerStatuses", [])
+      sidecar_ready |= any(s["name"] == "tensorboard" and s.get("ready") for s in statuses)
+      found = cluster.get("job/mnist-distill")
+      if condition(found, "Complete") or condition(found, "Failed"):
+        job = found
+      time.sleep(0.25)
+    assert job is not None, cluster.describe()
+    record(what="cpu-smoke overlay", apply_to_first_epoch_s=first_epoch and round(first_epoch, 1),
+           apply_to_complete_s=round(time.monotonic() - started, 1))
+    assert sidecar_ready and condition(job, "Complete"), cluster.describe()
+    results = json.loads((runs_volume / "smoke" / "results.json").read_text())
+    assert {m["name"] for m in results["models"]} == {
+        "teacher", "labels_only", "teacher_only", "distilled"}
+    assert (runs_volume / "smoke" / "results.md").is_file()
+    assert any((runs_volume / "smoke" / "logs").iterdir())
+  finally:
+    cluster.delete_namespace()
