@@ -5,22 +5,21 @@ For the base and each overlay, `kubectl kustomize` renders the objects; then
     the oldest version the manifests need (1.33: backoffLimitPerIndex and native sidecars GA) and
     the newest one pinned (kubernetes-validate 1.37); a JobSet's child Job templates too, as Jobs;
   * every JobSet validates against the JobSet v0.12.0 CRD's openAPIV3Schema
-    (../shared/k8s/jobset-v0.12.0-crd.yaml, x-kubernetes-* keys dropped, unknown fields errors),
-    and against the admission webhook's rules that the schema lacks (_jobset_webhook_errors);
-    the CRD's CEL rules are transition rules (`self == oldSelf`) except two, which the webhook
-    check covers (startupPolicy InOrder vs dependsOn) or which the manifests cannot hit
-    (volumeClaimPolicies), so no CEL evaluator is needed;
+    (../shared/k8s/jobset-v0.12.0-crd.yaml, x-kubernetes-* keys dropped, unknown fields errors;
+    the webhook's own rules are checked by the real JobSet controller: tests/cluster/);
   * checkov's Kubernetes checks pass (skips explained in CHECKOV_SKIPS);
   * every trainer container's command line, after Kubernetes' $(VAR) expansion, the JobSet
     TF_CONFIG script (run with bash and sh, with the env JobSet and the Job controller give the
     pod) and the flagfile from the ConfigMap, parses with trainer.flags.parse_argv, for every
-    completion index: a typo in a manifest fails here, not in the cluster; two real worker
-    processes then train with the TF_CONFIGs that script produced; and it parses into the settings
-    of the flags the overlay is meant to train (TRAINING_FLAGS: the GPU overlays and the JobSet
-    configs/consistent.flags, base the job's defaults, cpu-smoke its tiny settings);
-  * the failure policies (Job and JobSet, simulated exit code by exit code), Pod Security
-    "restricted" settings, GPU settings, grace periods and cross-references hold on the output.
-The same overlays under the kustomize of each older kubectl: tests/test_k8s_versions.py.
+    completion index: a typo in a manifest fails here, not in the cluster; and it parses into
+    the settings of the flags the overlay is meant to train (TRAINING_FLAGS: the GPU overlays and
+    the JobSet configs/consistent.flags, base the job's defaults, cpu-smoke its tiny settings);
+  * the failure policies' rules, GPU settings, grace periods and cross-references hold on the
+    output; the JobSet failure policy is simulated only for the exit codes the real cluster is
+    not made to see (a bug, a busy lease, a student out of retries).
+The same overlays under the kustomize of each older kubectl: tests/test_k8s_versions.py. On a
+real cluster (Pod Security admission, the JobSet webhooks and controller, the Job controller's
+failure policies, the runs themselves): tests/cluster/.
 """
 
 import copy
@@ -39,8 +38,6 @@ import yaml
 
 from trainer import errors
 from trainer.flags import parse_argv
-
-from helpers import MNIST_DIR, cli_env, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -80,9 +77,6 @@ CHECKOV_SKIPS = {
 }
 
 WORKLOAD_KINDS = {"Job", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Pod", "CronJob"}
-# Volume types Pod Security "restricted" allows.
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                      "persistentVolumeClaim", "projected", "secret"}
 # What JobSet puts on its child Jobs and pods (labels and annotations alike).
 JOBSET_KEYS = {"jobset-name": "jobset.sigs.k8s.io/jobset-name",
                "replicatedjob-name": "jobset.sigs.k8s.io/replicatedjob-name",
@@ -401,97 +395,6 @@ def test_jobsets_validate_against_the_crd_schema(rendered, target, jobset_valida
     assert _jobset_schema_errors(jobset_validator, bad)
 
 
-# The webhook's rules (kubernetes-sigs/jobset pkg/webhooks/jobset_webhook.go, v0.12).
-RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes",
-                       "MaxFailedIndexesExceeded", "PodFailurePolicy"}
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def _jobset_webhook_errors(jobset):
-  """What the JobSet admission webhook would reject that the CRD schema lets through."""
-  spec, name, errs = jobset["spec"], jobset["metadata"]["name"], []
-  rjobs = spec["replicatedJobs"]
-  names = [r["name"] for r in rjobs]
-  if rjobs and rjobs[0].get("dependsOn"):
-    errs.append("the first replicatedJob cannot have dependsOn")
-  if spec.get("startupPolicy", {}).get("startupPolicyOrder") == "InOrder" and any(
-      r.get("dependsOn") for r in rjobs):
-    errs.append("startupPolicy InOrder and dependsOn are mutually exclusive")
-  for i, rjob in enumerate(rjobs):
-    depends = rjob.get("dependsOn")
-    if depends is not None:
-      if len(depends) != 1:
-        errs.append(f"{rjob['name']}: dependsOn takes exactly one item")
-      for d in depends:
-        if d.get("name") not in names[:i]:
-          errs.append(f"{rjob['name']}: cannot depend on {d.get('name')} (not an earlier one)")
-        if d.get("status") not in ("Ready", "Complete"):
-          errs.append(f"{rjob['name']}: dependsOn status must be Ready or Complete")
-    replicas = rjob.get("replicas", 1)
-    job_name = f"{name}-{rjob['name']}-{replicas - 1}"
-    if len(job_name) > 63 or not DNS1035.match(job_name):
-      errs.append(f"job name {job_name} is not a DNS-1035 label of at most 63 characters")
-    tspec = rjob["template"]["spec"]
-    if tspec.get("completionMode", "Indexed") == "Indexed" and "completions" in tspec:
-      pod_name = f"{job_name}-{tspec['completions'] - 1}-abcde"
-      if len(pod_name) > 63 or not DNS1035.match(pod_name):
-        errs.append(f"pod name {pod_name} is longer than 63 characters")
-  for target in spec.get("successPolicy", {}).get("targetReplicatedJobs", []):
-    if target not in names:
-      errs.append(f"successPolicy names unknown replicatedJob {target}")
-  rules = spec.get("failurePolicy", {}).get("rules", [])
-  seen = set()
-  for rule in rules:
-    rule_name = rule.get("name", "")
-    if not (1 <= len(rule_name) <= 128 and RULE_NAME.match(rule_name)):
-      errs.append(f"bad failure policy rule name {rule_name!r}")
-    if rule_name in seen:
-      errs.append(f"failure policy rule name {rule_name} is not unique")
-    seen.add(rule_name)
-    for target in rule.get("targetReplicatedJobs", []):
-      if target not in names:
-        errs.append(f"rule {rule_name} names unknown replicatedJob {target}")
-    for reason in rule.get("onJobFailureReasons", []):
-      if reason not in JOB_FAILURE_REASONS:
-        errs.append(f"rule {rule_name}: unknown job failure reason {reason}")
-  subdomain = spec.get("network", {}).get("subdomain")
-  if subdomain is not None and (len(subdomain) > 63 or not DNS1035.match(subdomain)):
-    errs.append(f"bad subdomain {subdomain}")
-  return errs
-
-
-@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
-def test_jobsets_pass_the_webhook_rules(rendered, target):
-  for jobset in _find(rendered[target], "JobSet"):
-    assert _jobset_webhook_errors(jobset) == []
-
-
-def test_the_webhook_check_catches_each_rule(rendered):
-  jobset = _find(rendered[sorted(JOBSET_TARGETS)[0]], "JobSet", RUN_NAME)
-
-  def broken(change):
-    js = copy.deepcopy(jobset)
-    change(js["spec"], js)
-    return _jobset_webhook_errors(js)
-
-  rjobs = lambda s: s["replicatedJobs"]  # noqa: E731
-  rules = lambda s: s["failurePolicy"]["rules"]  # noqa: E731
-  assert broken(lambda s, _: rjobs(s)[0].update(dependsOn=[{"name": "students",
-                                                             "status": "Complete"}]))
-  assert broken(lambda s, _: rjobs(s)[1].update(dependsOn=[{"name": "students",
-                                                             "status": "Complete"}]))
-  assert broken(lambda s, _: rjobs(s)[1]["dependsOn"].append({"name": "teacher",
-                                                              "status": "Ready"}))
-  assert broken(lambda s, _: rjobs(s)[1]["dependsOn"][0].update(status="Succeeded"))
-  assert broken(lambda s, _: s.update(startupPolicy={"startupPolicyOrder": "InOrder"}))
-  assert broken(lambda s, _: rules(s)[0].update(name="bad-name"))
-  assert broken(lambda s, _: rules(s)[1].update(name=rules(s)[0]["name"]))
-  assert broken(lambda s, _: rules(s)[1].update(targetReplicatedJobs=["nobody"]))
-  assert broken(lambda s, _: rules(s)[0].update(onJobFailureReasons=["OOMKilled"]))
-  assert broken(lambda _, js: js["metadata"].update(name="x" * 50))
-
-
 @pytest.fixture(scope="session")
 def checkov():
   """checkov from k8s/tools/checkov-requirements.txt, in a venv of its own (cached)."""
@@ -634,44 +537,6 @@ def test_tf_config_names_every_jobset_worker(rendered, target, shell, tmp_path, 
   assert port in allowed
 
 
-def test_two_workers_train_with_the_tf_config_the_manifest_builds(rendered, tmp_path):
-  """The JobSet's own script makes each worker's TF_CONFIG; two local processes train with them.
-
-  Only the host names change (each JobSet name -> 127.0.0.1 and a free port); the rest of the
-  command line is the manifest's, with a tiny MNIST subset appended (later flags win).
-  """
-  docs = rendered[sorted(JOBSET_TARGETS)[0]]
-  [(_, job)] = _teacher_jobs(docs)
-  container = _container(_pod_spec(job), TRAINER)
-  workers = job["spec"]["completions"]
-  ports = free_ports(workers)
-  model_dir = tmp_path / "run"
-  small = [f"--idx_dir={MNIST_DIR}", "--max_train_examples=512", "--validation_examples=128",
-           "--max_test_examples=256", "--teacher_epochs=1", "--batch_size=64",
-           f"--model_dir={model_dir}"]
-  procs = []
-  for index in range(workers):
-    argv, env = container_argv(docs, job, container, index, tmp_path, shell="bash")
-    tf_config = json.loads(env["TF_CONFIG"])
-    hosts = tf_config["cluster"]["worker"]
-    tf_config["cluster"]["worker"] = [f"127.0.0.1:{ports[hosts.index(h)]}" for h in hosts]
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "trainer", *argv[1:], *small], cwd=REPO,
-        env=cli_env(TF_CONFIG=json.dumps(tf_config)), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True))
-  try:
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for index, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"worker {index} exited {p.returncode}:\n{out[-3000:]}"
-  result = json.loads((model_dir / "teacher" / "result.json").read_text())
-  assert result["role"] == "teacher" and 0.0 <= result["test_accuracy"] <= 1.0
-  for out in outputs:  # each process really joined the others (distribution.py logs this)
-    assert f"with {workers} replica(s)" in out, out[-2000:]
-
-
 # ---------------------------------------------------------------- failure handling
 
 def _rule_for_exit_code(rules, container, code):
@@ -771,10 +636,8 @@ def test_jobs_fail_fast_on_usage_errors_and_retry_the_rest(rendered, target):
       assert _rule_for_exit_code(rules, TRAINER, code)[0] in ("Count", "Ignore"), (name, code)
     assert _rule_for_disruption(rules)[0] == "Ignore", name
     assert spec["backoffLimit"] >= 1, name
-    # Exit 2 fails the Job at once, a preemption is replaced, the rest retried.
-    assert _job_failure(job, errors.EXIT_USAGE)[0] == "PodFailurePolicy"
-    assert _job_failure(job, errors.EXIT_PREEMPTED, disrupted=True) is None
-    assert _job_failure(job, errors.EXIT_FAILURE) is None
+    # What the Job controller then does with exit 2, an eviction and exit 3 is shown on a real
+    # cluster: tests/cluster/test_cluster_6_faults.py.
 
 
 @pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
@@ -788,12 +651,12 @@ def test_jobset_restarts_workers_together_and_fails_at_once_on_bad_input(rendere
       def action(code=None, disrupted=False, job=job, rjob=rjob, jobset=jobset):
         failure = _job_failure(job, code, disrupted)
         return failure and _jobset_action(jobset, rjob, *failure)
-      # Bad input ends the whole run at once, whoever hits it.
-      assert action(errors.EXIT_USAGE) == "FailJobSet", rjob
+      # Shown on a real cluster instead (tests/cluster/test_cluster_6_faults.py): exit 2 fails the
+      # JobSet at once; a worker stopped mid-training (SIGTERM, 143; its peer: 4) restarts the
+      # group without counting. Simulated here: what the suite does not make happen there.
       if rjob == "teacher":
         assert job["spec"]["backoffLimit"] == 0, "a lone replacement worker cannot rejoin"
-        for code, disrupted in ((errors.EXIT_PREEMPTED, True), (None, True),
-                                (EXIT_PEER_LOST, False), (errors.EXIT_PREEMPTED, False)):
+        for code, disrupted in ((errors.EXIT_PREEMPTED, True), (None, True)):
           assert action(code, disrupted) == "RestartJobSetAndIgnoreMaxRestarts", (code, disrupted)
         for code in (errors.EXIT_FAILURE, errors.EXIT_STORAGE, EXIT_BUSY):
           assert action(code) == "RestartJobSet", code  # counted against maxRestarts
@@ -830,40 +693,6 @@ def test_grace_period_fits_spot_vms(rendered, target):
 
 
 # ---------------------------------------------------------------- security
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_pods_meet_pod_security_restricted(rendered, target):
-  docs = rendered[target]
-  namespace = _find(docs, "Namespace", NAMESPACE)
-  assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-  for obj in _workloads(docs):
-    name, pod = obj["metadata"]["name"], _pod_spec(obj)
-    psc = pod.get("securityContext", {})
-    assert psc.get("runAsNonRoot") is True, name
-    assert psc.get("runAsUser", 0) != 0, name
-    assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
-    for host in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
-      assert not pod.get(host), (name, host)
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    for volume in volumes.values():
-      kinds = set(volume) - {"name"}
-      assert kinds <= RESTRICTED_VOLUMES, (name, volume)
-    for c in _containers(pod):
-      sc = c.get("securityContext", {})
-      where = f"{name}/{c['name']}"
-      assert sc.get("allowPrivilegeEscalation") is False, where
-      assert not sc.get("privileged"), where
-      assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
-      assert set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, where
-      assert sc.get("readOnlyRootFilesystem") is True, where
-      assert sc.get("runAsUser", 1) != 0, where
-      for kind in ("requests", "limits"):
-        for resource in ("cpu", "memory"):
-          assert resource in c.get("resources", {}).get(kind, {}), (where, kind, resource)
-      # The image points HOME, TMPDIR and every cache at /tmp: it must be a writable emptyDir.
-      tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
-      assert tmp and "emptyDir" in volumes[tmp[0]["name"]] and not tmp[0].get("readOnly"), where
-
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_bucket_access_uses_workload_identity_not_keys(rendered, target):
@@ -1032,18 +861,6 @@ def test_references_resolve_and_everything_is_namespaced(rendered, target):
 
 HARMLESS_ALONE = {"Namespace", "ServiceAccount", "ConfigMap", "Service", "NetworkPolicy",
                   "Deployment"}
-
-
-@pytest.mark.parametrize("target", sorted(JOBSET_TARGETS))
-def test_without_jobset_installed_only_harmless_objects_are_created(rendered, target):
-  """kubectl applies what it can: without the JobSet CRD, the rest must not train or hold a GPU."""
-  docs = rendered[target]
-  assert [d["kind"] for d in docs].count("JobSet") == 1
-  others = [d for d in docs if d["kind"] != "JobSet"]
-  assert {d["kind"] for d in others} <= HARMLESS_ALONE
-  for obj in _workloads(others):
-    for c in _containers(_pod_spec(obj)):
-      assert c["name"] != TRAINER and not _gpus(c), obj["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", ["jobset", "gke-gpu"])
