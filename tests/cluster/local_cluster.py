@@ -136,10 +136,12 @@ def finished(cluster, what="job/mnist-distill", timeout=1200):
   return cluster.wait_until(f"{what} finished", done, timeout, every=1)
 
 
-def prepare(tmp_path, overlay, image, model_dir, components=("local-cluster",), files=None):
+def prepare(tmp_path, overlay, image, model_dir, components=("local-cluster",), files=None,
+            patches=()):
   """A copy of k8s/ in tmp_path with the README's two edits made in `overlay` (both images set to
   `image`; MODEL_DIR set) and the given local components added to it; returns the folder to
-  `kubectl apply -k`. files: {"component/name": bytes} written into the components' copies."""
+  `kubectl apply -k`. files: {"component/name": bytes} written into the components' copies;
+  patches: kustomize patch entries appended to the overlay's own (they apply after them)."""
   k8s = tmp_path / "k8s"
   shutil.copytree(REPO / "k8s", k8s)
   for name in components:
@@ -162,5 +164,6 @@ def prepare(tmp_path, overlay, image, model_dir, components=("local-cluster",), 
       generator["literals"] = [f"MODEL_DIR={model_dir}"]
   rel = os.path.relpath(k8s / "components", target)
   doc["components"] = doc.get("components", []) + [f"{rel}/test-{name}" for name in components]
+  doc["patches"] = doc.get("patches", []) + list(patches)
   path.write_text(yaml.safe_dump(doc, sort_keys=False))
   return target
