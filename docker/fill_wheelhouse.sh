@@ -4,8 +4,10 @@
 # itself cannot reach PyPI. Prints the wheelhouse's path on stdout (progress goes to stderr).
 #
 # Usage: docker/fill_wheelhouse.sh [--variant cpu|gpu] [--dir DIR]
-#   --variant  cpu (default): requirements.txt + docker/build-requirements.txt;
-#              gpu: also docker/requirements-cuda.txt (several GB of CUDA wheels).
+#   --variant  cpu (default): requirements.txt without its tensorflow line,
+#              docker/requirements-cpu.txt (tensorflow-cpu) and docker/build-requirements.txt;
+#              gpu: requirements.txt, docker/build-requirements.txt and docker/requirements-cuda.txt
+#              (several GB of CUDA wheels).
 #   --dir      where to put the wheels. Default: a folder under ${MNIST_DISTILL_CACHE:-~/.cache/mnist-distill}
 #              keyed by a hash of the requirement files, reused as long as they do not change.
 # Env: PYTHON (default python3) must be the same CPython minor version as the image's (3.11):
@@ -20,14 +22,20 @@ while [ $# -gt 0 ]; do
     --variant=*) variant=${1#*=}; shift ;;
     --dir) dir=$2; shift 2 ;;
     --dir=*) dir=${1#*=}; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "fill_wheelhouse: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-reqs=("$repo/requirements.txt" "$repo/docker/build-requirements.txt")
 case "$variant" in
-  cpu) ;;
-  gpu) reqs+=("$repo/docker/requirements-cuda.txt") ;;
+  cpu)
+    # What the CPU image installs (docker/Dockerfile): requirements.txt less its tensorflow line.
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/fill_wheelhouse.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    sed '/^tensorflow==/d' "$repo/requirements.txt" >"$tmp/requirements.txt"
+    reqs=("$tmp/requirements.txt" "$repo/docker/requirements-cpu.txt"
+          "$repo/docker/build-requirements.txt") ;;
+  gpu) reqs=("$repo/requirements.txt" "$repo/docker/build-requirements.txt"
+             "$repo/docker/requirements-cuda.txt") ;;
   *) echo "fill_wheelhouse: --variant must be cpu or gpu, got $variant" >&2; exit 2 ;;
 esac
 python=${PYTHON:-python3}

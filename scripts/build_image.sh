@@ -3,7 +3,7 @@
 # else buildah (`buildah bud --isolation chroot`). Prints the image reference on stdout.
 #
 # Usage: scripts/build_image.sh [options]
-#   --variant gpu|cpu     gpu (default): tensorflow[and-cuda] + pinned CUDA wheels; cpu: without them.
+#   --variant gpu|cpu     gpu (default): tensorflow[and-cuda] + pinned CUDA wheels; cpu: tensorflow-cpu.
 #   --base IMAGE          base image (default: the Dockerfile's, python:3.11-slim-bookworm pinned by
 #                         digest; any Debian-like base with
 #                         python3.11, venv, groupadd/useradd).
@@ -70,7 +70,8 @@ created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
 # The dependency layer's own timestamp: the newest commit that changed what it installs. With the
 # commit time there, every commit would reinstall TensorFlow (buildah and Docker key a RUN's cache
 # on the ARGs declared before it). A dirty pin file counts as changed now: HEAD's time.
-deps_files=(requirements.txt docker/build-requirements.txt docker/requirements-cuda.txt docker/Dockerfile)
+deps_files=(requirements.txt docker/build-requirements.txt docker/requirements-cuda.txt
+  docker/requirements-cpu.txt docker/Dockerfile)
 deps_epoch=$(git -C "$repo" log -1 --format=%ct -- "${deps_files[@]}" 2>/dev/null || true)
 if [ -n "${SOURCE_DATE_EPOCH:-}" ] || [ -z "$deps_epoch" ] \
    || [ -n "$(git -C "$repo" status --porcelain -- "${deps_files[@]}" 2>/dev/null)" ]; then

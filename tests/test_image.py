@@ -36,6 +36,9 @@ SCRIPTS = ["scripts/build_image.sh", "scripts/push_image.sh", "scripts/container
            "docker/fill_wheelhouse.sh", "docker/make_debootstrap_base.sh"]
 # GKE and Vertex AI mount the node's NVIDIA driver here.
 NVIDIA_LIB, NVIDIA_BIN = "/usr/local/nvidia/lib64", "/usr/local/nvidia/bin"
+# What TensorFlow's CUDA build logs on a machine without a GPU ("failed call to cuInit: ... CUDA
+# error ...", "Could not find cuda drivers on your machine"); the CPU build logs none of it.
+CUDA_ERROR = re.compile(r"cuInit|CUDA[ _]error|cuda drivers", re.IGNORECASE)
 
 
 def _tool(name):
@@ -78,13 +81,39 @@ def test_dockerfile_pins_its_base_by_digest_and_finds_the_nvidia_driver():
   assert NVIDIA_BIN in env["PATH"].split(":")
 
 
+def _pins(path):
+  """{canonical name: (version, extras)} of a requirements file of exact pins."""
+  from packaging.requirements import Requirement
+  from packaging.utils import canonicalize_name
+
+  pins = {}
+  for line in (REPO / path).read_text().splitlines():
+    line = line.split("#", 1)[0].strip()
+    if line and not line.startswith("-"):
+      req = Requirement(line)
+      assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", line
+      pins[canonicalize_name(req.name)] = (next(iter(req.specifier)).version, req.extras)
+  return pins
+
+
+def test_cpu_pins_replace_tensorflow_with_tensorflow_cpu_of_the_same_version():
+  """docker/requirements-cpu.txt is tensorflow-cpu at requirements.txt's tensorflow version; the
+  Dockerfile and the wheelhouse drop requirements.txt's tensorflow line for the CPU variant."""
+  cpu = _pins("docker/requirements-cpu.txt")
+  assert set(cpu) == {"tensorflow-cpu"}, cpu
+  assert cpu["tensorflow-cpu"] == (_pins("requirements.txt")["tensorflow"][0], set())
+  for script in ("docker/Dockerfile", "docker/fill_wheelhouse.sh"):
+    assert "'/^tensorflow==/d'" in (REPO / script).read_text(), script
+
+
 def _commit_epoch(revision="HEAD", *paths):
   cmd = ["git", "-C", str(REPO), "log", "-1", "--format=%ct", revision]
   return int(_run(cmd + (["--", *paths] if paths else [])).stdout)
 
 
 DEPENDENCY_PINS = ("requirements.txt", "docker/build-requirements.txt",
-                   "docker/requirements-cuda.txt", "docker/Dockerfile")
+                   "docker/requirements-cuda.txt", "docker/requirements-cpu.txt",
+                   "docker/Dockerfile")
 
 
 def test_build_script_targets_amd64_with_the_commits_timestamps(tmp_path):
@@ -195,6 +224,27 @@ def test_bad_flag_exits_2_inside_the_image(container):
   assert "mode" in proc.stderr
 
 
+def test_cpu_image_has_tensorflow_cpu_and_not_the_cuda_build(container):
+  """tensorflow-cpu is installed, `tensorflow` (the CUDA build) and the CUDA wheels are not, and
+  `pip check` agrees with what the trainer's wheel requires."""
+  pip = ["pip", "--disable-pip-version-check", "--no-cache-dir"]
+  proc = _run_in(container, [*pip, "list", "--format=json"], timeout=120)
+  assert proc.returncode == 0, _tail(proc.stderr)
+  installed = {d["name"].lower().replace("_", "-"): d["version"] for d in json.loads(proc.stdout)}
+  pinned = _pins("docker/requirements-cpu.txt")["tensorflow-cpu"][0]
+  assert installed.get("tensorflow-cpu") == pinned, installed
+  assert "tensorflow" not in installed
+  assert [name for name in installed if name.startswith("nvidia-")] == []
+  proc = _run_in(container, [*pip, "check"], timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  code = ("import tensorflow as tf; print(tf.__version__, tf.test.is_built_with_cuda(), "
+          "tf.config.list_physical_devices('GPU'))")
+  proc = _run_in(container, ["python", "-c", code], timeout=300)
+  assert proc.returncode == 0, _tail(proc.stderr)
+  assert proc.stdout.split() == [installed["tensorflow-cpu"], "False", "[]"], proc.stdout
+  assert not CUDA_ERROR.search(proc.stderr), _tail(proc.stderr)
+
+
 def test_smoke_job_runs_in_the_image(container, tmp_path):
   if not os.path.isfile(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")):
     _missing_or_fail(f"no MNIST IDX files in {MNIST_DIR} (set MNIST_DIR)")
@@ -202,11 +252,15 @@ def test_smoke_job_runs_in_the_image(container, tmp_path):
   out.mkdir()
   out.chmod(0o777)  # the job runs as UID 10001
   started = time.monotonic()
-  proc = _run_in(container, ["mnist-distill", *SMOKE_ARGS],
+  # --verbose_tf: TensorFlow's own lines stay in the log (the job drops cuInit's by default).
+  proc = _run_in(container, ["mnist-distill", *SMOKE_ARGS, "--verbose_tf"],
                  volumes=[f"{MNIST_DIR}:/data/mnist:ro", f"{out}:/out"])
   seconds = time.monotonic() - started
   assert proc.returncode == 0, _tail(proc.stderr, 8000)
   print(f"smoke job in the image: {seconds:.0f}s")
+  # The CPU image carries TensorFlow's CPU build: nothing in the run's log about CUDA.
+  log = (proc.stdout + proc.stderr).splitlines()
+  assert [line for line in log if CUDA_ERROR.search(line)] == []
 
   summary = json.loads((out / "results.json").read_text())
   assert summary["tensorflow"].startswith("2.21.")
@@ -277,13 +331,7 @@ def test_gpu_pins_satisfy_tensorflow_and_cuda():
   from packaging.requirements import Requirement
   from packaging.utils import canonicalize_name
 
-  pins = {}
-  for line in (REPO / "docker" / "requirements-cuda.txt").read_text().splitlines():
-    line = line.split("#", 1)[0].strip()
-    if line:
-      req = Requirement(line)
-      assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", line
-      pins[canonicalize_name(req.name)] = (next(iter(req.specifier)).version, req.extras)
+  pins = _pins("docker/requirements-cuda.txt")
   tensorflow = metadata.version("tensorflow")
   assert tensorflow.startswith("2.21."), tensorflow
   assert pins.pop("tensorflow") == (tensorflow, {"and-cuda"})
