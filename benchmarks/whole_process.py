@@ -13,10 +13,13 @@ fit for 3 epochs at batch 32 on the training split (all 60,000 images, as the no
 ours trains on 55,000 and validates on 5,000), then evaluated on the test split.
 
 Both are timed wall to wall, from spawning the process to its exit, in turns (ours, notebook,
-ours, ...); the ratio is the notebook's median over ours. Each turn also times a process that
-only imports TensorFlow and Keras: the part of a start-up that no change to this project can
-remove. Ours is broken down from its log (start-up to its first line, teacher logits, training,
-the rest: evaluation, exports, LiteRT, report).
+ours, ...); the ratio is the notebook's median over ours. Their CPU seconds (user + system) are
+reported too: on cores shared with other work, wall time grows with the load and CPU time much
+less. Each turn also times a process that only imports TensorFlow and Keras: the part of a
+start-up that no change to this project can remove. With --other_code=DIR (a checkout of other
+code, e.g. before a change) each turn also runs ours from that code, so that the two are
+compared in the same turns. Ours is broken down from its log (start-up to its first line,
+teacher logits, training, the rest: evaluation, exports, LiteRT, report).
 """
 
 import argparse
@@ -28,7 +31,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.end_to_end import run_subprocess
+from benchmarks.end_to_end import child_env, run_subprocess
 
 TARGET = 4.0  # ours must take at most a quarter of the notebook's wall time
 STUDENT = ("s", 0.5, 4.0)  # name, alpha, temperature: the notebook's "distilled" student
@@ -110,22 +113,34 @@ def _result(model_dir):
     return json.load(f)
 
 
-def measure(idx_dir, workdir, runs=3, teacher_dir=None, subset=()) -> dict:
-  """`runs` turns of ours, the notebook and the import floor, each a process of its own."""
-  teacher_dir = teacher_dir or prepare_teacher(idx_dir, workdir, subset)
+def _ours_turn(found, key, idx_dir, teacher_dir, workdir, name, subset, code=None):
+  """One run of ours; `code`: the root of another checkout to run it from."""
+  model_dir = os.path.join(workdir, name)
+  env = dict(child_env(), PYTHONPATH=code) if code else None
+  spawned = time.time()
+  ours = run_subprocess([sys.executable, *ours_command(idx_dir, teacher_dir, model_dir, subset)],
+                        workdir, name, env, cwd=code)  # `-m` imports from the cwd first
+  if ours["returncode"] != 0:
+    found["failed"].append(f"{name}: exit {ours['returncode']}, {ours['log']}")
+  found[key].append(ours["wall_seconds"])
+  found[f"{key}_cpu"].append(ours["cpu_seconds"])
+  return ours, spawned, _result(model_dir)
+
+
+def measure(idx_dir, workdir, runs=3, teacher_dir=None, subset=(), other_code=None) -> dict:
+  """`runs` turns of ours, the notebook and the import floor, each a process of its own (and
+  ours from `other_code`, a checkout's root, when given)."""
+  teacher_dir = os.path.abspath(teacher_dir or prepare_teacher(idx_dir, workdir, subset))
   found = {"ours": [], "notebook": [], "floor": [], "ours_parts": [], "load": [],
-           "ours_accuracy": [], "notebook_accuracy": [], "failed": []}
+           "ours_accuracy": [], "notebook_accuracy": [], "failed": [], "ours_cpu": [],
+           "notebook_cpu": [], "other": [], "other_cpu": [], "other_code": other_code}
   for turn in range(runs):
     found["load"].append(os.getloadavg()[0])
-    model_dir = os.path.join(workdir, f"whole-process-ours-{turn}")
-    spawned = time.time()
-    ours = run_subprocess([sys.executable, *ours_command(idx_dir, teacher_dir, model_dir,
-                                                        subset)],
-                          workdir, f"whole-process-ours-{turn}")
-    result = _result(model_dir)
-    if ours["returncode"] != 0:
-      found["failed"].append(f"ours turn {turn + 1}: exit {ours['returncode']}, {ours['log']}")
-    found["ours"].append(ours["wall_seconds"])
+    if other_code:
+      _ours_turn(found, "other", idx_dir, teacher_dir, workdir,
+                 f"whole-process-other-{turn}", subset, os.path.abspath(other_code))
+    ours, spawned, result = _ours_turn(found, "ours", idx_dir, teacher_dir, workdir,
+                                       f"whole-process-ours-{turn}", subset)
     found["ours_accuracy"].append(result.get("test_accuracy"))
     found["ours_parts"].append(breakdown(ours["log"], spawned, ours["wall_seconds"],
                                          result.get("train_seconds")))
@@ -139,11 +154,13 @@ def measure(idx_dir, workdir, runs=3, teacher_dir=None, subset=()) -> dict:
       book_accuracy = json.loads(
           book["stdout"].strip().splitlines()[-1])["test_accuracy"]["distilled"]
     found["notebook"].append(book["wall_seconds"])
+    found["notebook_cpu"].append(book["cpu_seconds"])
     found["notebook_accuracy"].append(book_accuracy)
     found["floor"].append(run_subprocess([sys.executable, "-c", FLOOR_CODE], workdir,
                                          f"whole-process-floor-{turn}")["wall_seconds"])
+    other = f", other code {found['other'][-1]:.1f} s" if other_code else ""
     print(f"whole process turn {turn + 1}/{runs}: ours {found['ours'][-1]:.1f} s, notebook "
-          f"{found['notebook'][-1]:.1f} s, import floor {found['floor'][-1]:.1f} s",
+          f"{found['notebook'][-1]:.1f} s, import floor {found['floor'][-1]:.1f} s{other}",
           file=sys.stderr, flush=True)
   found["command"] = "mnist-distill " + " ".join(
       a for a in ours_command("DATA", "TEACHER", "OUT", subset)[2:]
@@ -167,6 +184,14 @@ def report_lines(found) -> list:
            f"  ours {ours:.1f} s, the notebook's Distiller {book:.1f} s (median of "
            f"{found['runs']}, in turns; load {min(found['load']):.1f}-{max(found['load']):.1f}):"
            f" {ratio:.2f}x (target >= {TARGET:g}x): " + ("met" if ratio >= TARGET else "MISSED")]
+  cpu = (median(found["ours_cpu"]), median(found["notebook_cpu"]))
+  lines.append(f"  CPU seconds (user + system): ours {cpu[0]:.1f}, the notebook's {cpu[1]:.1f}: "
+               f"{cpu[1] / cpu[0]:.2f}x")
+  if found.get("other_code"):
+    other = median(found["other"])
+    lines.append(f"  ours from {found['other_code']}: {other:.1f} s, "
+                 f"{median(found['other_cpu']):.1f} CPU s: {book / other:.2f}x; this code "
+                 f"takes {ours / other:.2f} of its wall time")
   parts = {k: median([p[k] for p in found["ours_parts"]]) for k in found["ours_parts"][0]}
   lines.append("  ours, median seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
                + f"; `python -c '{FLOOR_CODE}'` alone {floor:.1f}")
@@ -196,10 +221,12 @@ def main(argv=None):
   parser.add_argument("--subset", default="", help="TRAIN,TEST image counts (smoke runs)")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--json_out", default=None)
+  parser.add_argument("--other_code", default=None,
+                      help="also run ours from this checkout's root in every turn")
   args = parser.parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   found = measure(args.idx_dir, os.path.abspath(args.workdir), args.runs, args.teacher_dir,
-                  parse_subset(args.subset))
+                  parse_subset(args.subset), args.other_code)
   print("\n".join(report_lines(found)))
   if args.json_out:
     with open(args.json_out, "w") as f:

@@ -73,6 +73,8 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
   assert re.search(r"^  ours \d+\.\d s, the notebook's Distiller \d+\.\d s \(median of 1, in "
                    r"turns; load [\d.]+-[\d.]+\): \d+\.\d\dx \(target >= 4x\): (met|MISSED)$",
                    out, re.M), out
+  assert re.search(r"^  CPU seconds \(user \+ system\): ours \d+\.\d, the notebook's \d+\.\d: "
+                   r"\d+\.\d\dx$", out, re.M), out
   assert re.search(r"^  ours, median seconds: start-up \d+\.\d, teacher logits \d+\.\d, "
                    r"training \d+\.\d, report and exit \d+\.\d, the rest \d+\.\d; "
                    r"`python -c 'import tensorflow, keras'` alone \d+\.\d$", out, re.M), out
