@@ -29,7 +29,7 @@ import time
 
 import tensorflow as tf
 
-from benchmarks import end_to_end, notebook, partner, report, whole_process
+from benchmarks import end_to_end, notebook, partner, precision, report, whole_process
 from benchmarks.throughput import (
   DEFAULT_THREADS,
   EXTRA_MODES,
@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="full: also run the notebook's whole schedule (slow: "
                            f"{notebook.TEACHER_EPOCHS} teacher and {notebook.STUDENT_EPOCHS} "
                            "epochs per student on full MNIST)")
+  parser.add_argument("--precision_rounds", type=int, default=5,
+                      help="float32 vs mixed_bfloat16 on the teacher and student steps alone "
+                           "(benchmarks/precision.py): timed calls per variant (0: skip)")
+  parser.add_argument("--precision_steps", type=int, default=20, help="steps per timed call")
   parser.add_argument("--whole_process_runs", type=int, default=3,
                       help="turns of the short run as a whole process, ours and the "
                            "notebook's (0: skip it)")
@@ -140,6 +144,10 @@ def main(argv=None):
     for phase in measured["phases"].values():
       phase.update({baseline_name(b, DEFAULT_THREADS): phase[baseline_name(b)]
                     for b in batch_sizes})
+  steps = None
+  if args.precision_rounds:
+    steps = {batch: precision.measure(images, labels, batch, slices[batch], args.precision_steps,
+                                      args.precision_rounds) for batch in batch_sizes}
   job = None if args.job == "none" else end_to_end.run_default_job(
       args.idx_dir, workdir, args.job == "full", args.subset_job_args.split())
   notebook_run = None
@@ -152,12 +160,13 @@ def main(argv=None):
   run = {"date": started, "cpu_count": os.cpu_count(), "examples": args.examples,
          "runs": args.runs, "warmup": args.warmup, "batch_sizes": batch_sizes,
          "batch_slices": slices, "intra_op_threads": intra_threads, "extra_modes": extra_modes,
-         "cpu_flags": report.cpu_flags(), "load_average": os.getloadavg()}
-  report.print_report(run, measured, job, notebook_run, whole)
+         "cpu_flags": report.cpu_flags(), "load_average": os.getloadavg(),
+         "precision_rounds": args.precision_rounds, "precision_steps": args.precision_steps}
+  report.print_report(run, measured, job, notebook_run, whole, steps)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(report.json_report(run, measured, job, notebook_run, job_defaults().student,
-                                   whole),
+                                   whole, steps),
                 f, indent=1, default=str)
   return 0
 

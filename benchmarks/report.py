@@ -6,7 +6,7 @@ process, and mixed_bfloat16 against float32 on this CPU."""
 import keras
 import tensorflow as tf
 
-from benchmarks import notebook, whole_process
+from benchmarks import notebook, precision, whole_process
 from benchmarks.throughput import DEFAULT_THREADS, EXTRA_MODES, PHASES, baseline_name, variant_name
 
 TARGETS = {"teacher training": 1.5, "distillation": 4.0}  # ours/baseline at equal batch size
@@ -181,7 +181,7 @@ def end_to_end_lines(job, notebook_run, extrapolated) -> list:
   return lines
 
 
-def print_report(run, measured, job, notebook_run, whole=None) -> None:
+def print_report(run, measured, job, notebook_run, whole=None, steps=None) -> None:
   """Prints the whole report. `run`: what was run (date, cpu_count, examples, runs, warmup,
   batch_sizes, batch_slices, intra_op_threads, extra_modes); `measured`: measure_throughput's."""
   phases, batch_sizes = measured["phases"], run["batch_sizes"]
@@ -202,6 +202,8 @@ def print_report(run, measured, job, notebook_run, whole=None) -> None:
            + default_batch_lines(phases, batch_sizes)
            + mode_lines(phases, batch_sizes, run["extra_modes"])
            + bf16_lines(phases, batch_sizes, run["extra_modes"], run.get("cpu_flags", {})))
+  if steps:
+    lines += precision.report_lines(steps, run["precision_rounds"], run["precision_steps"])
   if job is not None:
     lines += end_to_end_lines(job, notebook_run, extrapolate_notebook(phases))
   if whole is not None:
@@ -210,7 +212,8 @@ def print_report(run, measured, job, notebook_run, whole=None) -> None:
     print(line)
 
 
-def json_report(run, measured, job, notebook_run, default_students, whole=None) -> dict:
+def json_report(run, measured, job, notebook_run, default_students, whole=None,
+                steps=None) -> dict:
   """Every measurement, every run of each variant included, for --json_out."""
   phases = measured["phases"]
   return {
@@ -220,4 +223,7 @@ def json_report(run, measured, job, notebook_run, default_students, whole=None) 
       "teacher_logits_seconds": measured["teacher_logits_seconds"],
       "default_job": job, "notebook": notebook_run,
       "notebook_extrapolated": extrapolate_notebook(phases),
-      "default_students": list(default_students), "whole_process": whole}
+      "default_students": list(default_students), "whole_process": whole,
+      "precision_steps": {str(batch): {f"{role} {policy}": values
+                                       for (role, policy), values in found.items()}
+                          for batch, found in (steps or {}).items()}}

@@ -33,7 +33,7 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
        "--subset_job_args=--max_train_examples=256 --validation_examples=64 "
        "--max_test_examples=64 --teacher_epochs=1 --student_epochs=1 --batch_size=64 "
        "--student=distilled:alpha=0.5", "--whole_process_runs=1",
-       "--whole_process_subset=256,64"],
+       "--whole_process_subset=256,64", "--precision_rounds=1", "--precision_steps=2"],
       cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = proc.stdout
@@ -66,6 +66,11 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
                    r"amx_bf16 (yes|no), amx_tile (yes|no)\): teacher step at batch 32 "
                    r"\d+\.\d\dx, teacher step at batch 128 \d+\.\d\dx, student step at batch 32 "
                    r"\d+\.\d\dx, student step at batch 128 \d+\.\d\dx: ", out, re.M), out
+  for role in ("teacher", "student"):
+    for batch in (32, 128):
+      assert re.search(rf"^- {role} step at batch {batch}, 2 steps per call, median of 1 in "
+                       r"turns: float32 [\d,]+ img/s, mixed_bfloat16 [\d,]+ img/s: \d+\.\d\dx; "
+                       r"per CPU second [\d,]+ vs [\d,]+: \d+\.\d\dx$", out, re.M), out
   assert re.search(r"^- whole process, short run \(subset: 256 training, 64 test images\): "
                    r"`mnist-distill --mode=students --teacher_dir=TEACHER "
                    r"--student=s:alpha=0.5,temperature=4 --student_epochs=3 --batch_size=32 ", out,
@@ -90,6 +95,8 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
       "ours@32", "ours@128", "ours@32 bf16", "ours@128 bf16"}
   assert all(len(v) == 2 for v in saved["throughput"]["distillation"].values())  # warm-up + 1
   assert saved["default_job"]["returncode"] == 0
+  assert set(saved["precision_steps"]["32"]) == {
+      "teacher float32", "teacher mixed_bfloat16", "student float32", "student mixed_bfloat16"}
   whole = saved["whole_process"]
   assert len(whole["ours"]) == len(whole["notebook"]) == len(whole["floor"]) == 1
   assert not whole["failed"] and saved["cpu_flags"]["avx512_bf16"] in (True, False)
