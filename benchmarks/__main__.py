@@ -10,6 +10,10 @@ and our default batch against the notebook's. When batch slices change TensorFlo
 partner process (benchmarks/partner.py) measures the baseline again with the default threads,
 and every ratio is taken against the faster of the two.
 
+Then the short run as a whole process (benchmarks/whole_process.py): `mnist-distill
+--mode=students` distilling one student for 3 epochs at batch 32 from an existing teacher,
+against the notebook's Distiller doing the same, each in a process of its own, in turns.
+
 Then it runs the default job in a child process (a small subset, or `--job=full`: the real
 default job on full MNIST) for its peak memory and wall time, and compares the full job with
 the notebook's schedule: extrapolated from the measured baseline unless `--notebook=full` runs
@@ -25,7 +29,7 @@ import time
 
 import tensorflow as tf
 
-from benchmarks import end_to_end, notebook, partner, report
+from benchmarks import end_to_end, notebook, partner, precision, report, whole_process
 from benchmarks.throughput import (
   DEFAULT_THREADS,
   EXTRA_MODES,
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--batch_sizes", default=batch_sizes,
                       help="batch sizes to run both sides at; the first must be the notebook's "
                            f"{notebook.BATCH_SIZE}")
-  parser.add_argument("--extra_modes", default="",
+  parser.add_argument("--extra_modes", default="bf16",
                       help=f"comma-separated, of {sorted(EXTRA_MODES)}: also time ours in these "
                            "modes at every batch size (xla: jit_compile; bf16/fp16: mixed "
                            "precision)")
@@ -71,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="full: also run the notebook's whole schedule (slow: "
                            f"{notebook.TEACHER_EPOCHS} teacher and {notebook.STUDENT_EPOCHS} "
                            "epochs per student on full MNIST)")
+  parser.add_argument("--precision_rounds", type=int, default=5,
+                      help="float32 vs mixed_bfloat16 on the teacher and student steps alone "
+                           "(benchmarks/precision.py): timed calls per variant (0: skip)")
+  parser.add_argument("--precision_steps", type=int, default=20, help="steps per timed call")
+  parser.add_argument("--whole_process_runs", type=int, default=3,
+                      help="turns of the short run as a whole process, ours and the "
+                           "notebook's (0: skip it)")
+  parser.add_argument("--whole_process_subset", default="", type=whole_process.parse_subset,
+                      help="TRAIN,TEST: the short run on that many training and test images "
+                           "(smoke runs); default the full splits")
+  parser.add_argument("--teacher_dir", default=None,
+                      help="the short run's teacher (a finished <model_dir>/teacher); default: "
+                           "a 1-epoch teacher trained first")
   parser.add_argument("--batch_slices", default="auto", type=_batch_slices_arg,
                       help="ours: as the job's --batch_slices (auto: one slice per core)")
   parser.add_argument("--as_partner", action="store_true",
@@ -127,19 +144,29 @@ def main(argv=None):
     for phase in measured["phases"].values():
       phase.update({baseline_name(b, DEFAULT_THREADS): phase[baseline_name(b)]
                     for b in batch_sizes})
+  steps = None
+  if args.precision_rounds:
+    steps = {batch: precision.measure(images, labels, batch, slices[batch], args.precision_steps,
+                                      args.precision_rounds) for batch in batch_sizes}
   job = None if args.job == "none" else end_to_end.run_default_job(
       args.idx_dir, workdir, args.job == "full", args.subset_job_args.split())
   notebook_run = None
   if args.notebook == "full":
     notebook_run = end_to_end.run_notebook(args.idx_dir, workdir)
+  whole = None if not args.whole_process_runs else whole_process.measure(
+      args.idx_dir, workdir, args.whole_process_runs, args.teacher_dir,
+      args.whole_process_subset)
 
   run = {"date": started, "cpu_count": os.cpu_count(), "examples": args.examples,
          "runs": args.runs, "warmup": args.warmup, "batch_sizes": batch_sizes,
-         "batch_slices": slices, "intra_op_threads": intra_threads, "extra_modes": extra_modes}
-  report.print_report(run, measured, job, notebook_run)
+         "batch_slices": slices, "intra_op_threads": intra_threads, "extra_modes": extra_modes,
+         "cpu_flags": report.cpu_flags(), "load_average": os.getloadavg(),
+         "precision_rounds": args.precision_rounds, "precision_steps": args.precision_steps}
+  report.print_report(run, measured, job, notebook_run, whole, steps)
   if args.json_out:
     with open(args.json_out, "w") as f:
-      json.dump(report.json_report(run, measured, job, notebook_run, job_defaults().student),
+      json.dump(report.json_report(run, measured, job, notebook_run, job_defaults().student,
+                                   whole, steps),
                 f, indent=1, default=str)
   return 0
 

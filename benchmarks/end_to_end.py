@@ -30,8 +30,9 @@ def child_env() -> dict:
   return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def run_subprocess(argv, workdir, name) -> dict:
-  """Runs argv; returns wall seconds, peak RSS (MiB), exit code, stdout and the log's path.
+def run_subprocess(argv, workdir, name, env=None, cwd=None) -> dict:
+  """Runs argv (in child_env(), or `env`; in `cwd`); returns wall seconds, CPU seconds (user +
+  system), peak RSS (MiB), exit code, stdout and the log's path.
 
   os.wait4 gives the resource usage of exactly this child (RUSAGE_CHILDREN would fold in every
   child this process ever waited for)."""
@@ -39,13 +40,14 @@ def run_subprocess(argv, workdir, name) -> dict:
   out_path = os.path.join(workdir, f"{name}.out")
   started = time.perf_counter()
   with open(log_path, "w") as log, open(out_path, "w") as out:
-    proc = subprocess.Popen(argv, env=child_env(), stdout=out, stderr=log)
+    proc = subprocess.Popen(argv, env=env or child_env(), stdout=out, stderr=log, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
   proc.returncode = os.waitstatus_to_exitcode(status)
   seconds = time.perf_counter() - started
   with open(out_path) as f:
     stdout = f.read()
-  return {"wall_seconds": seconds, "max_rss_mib": usage.ru_maxrss / 1024.0,
+  return {"wall_seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+          "max_rss_mib": usage.ru_maxrss / 1024.0,
           "returncode": proc.returncode, "stdout": stdout, "log": log_path}
 
 

@@ -14,6 +14,10 @@ Run on its own it trains the notebook's whole schedule (a 20-epoch teacher, then
 students) and prints a JSON line with its wall time and test accuracies:
 
     python -m benchmarks.notebook --idx_dir=/work/shared/data/mnist
+
+With --teacher_model (a trained teacher's model.keras) it loads that teacher instead of training
+one and distills only the students named by --students: the notebook's side of the short run
+that benchmarks/whole_process.py times as a whole process.
 """
 
 import argparse
@@ -111,14 +115,19 @@ def make_distiller(teacher: keras.Model, alpha=0.5, temperature=4.0) -> Notebook
 
 
 def run_notebook(train_images, train_labels, test_images, test_labels, teacher_epochs,
-                 student_epochs, students=STUDENTS, seed=42) -> dict:
-  """The notebook's whole schedule; returns wall seconds and test accuracies."""
+                 student_epochs, students=STUDENTS, seed=42, teacher=None) -> dict:
+  """The notebook's whole schedule; returns wall seconds and test accuracies. With `teacher`
+  (a trained network) no teacher is trained; it is still evaluated, as the notebook does."""
   started = time.perf_counter()
   keras.utils.set_random_seed(seed)
   x, y = float_images(train_images), train_labels.astype(np.int64)
   x_test, y_test = float_images(test_images), test_labels.astype(np.int64)
-  teacher = compile_teacher(models.build_teacher())
-  teacher.fit(x, y, batch_size=BATCH_SIZE, epochs=teacher_epochs, verbose=0)
+  if teacher is None:
+    teacher = compile_teacher(models.build_teacher())
+    teacher.fit(x, y, batch_size=BATCH_SIZE, epochs=teacher_epochs, verbose=0)
+  else:
+    teacher = compile_teacher(teacher)
+    teacher_epochs = 0
   accuracies = {"teacher": float(teacher.evaluate(x_test, y_test, batch_size=BATCH_SIZE,
                                                   verbose=0, return_dict=True)["accuracy"])}
   for name, alpha, temperature in students:
@@ -141,12 +150,19 @@ def main(argv=None):
   parser.add_argument("--max_train_examples", type=int, default=None)
   parser.add_argument("--max_test_examples", type=int, default=None)
   parser.add_argument("--seed", type=int, default=42)
+  parser.add_argument("--teacher_model", default=None,
+                      help="a trained teacher (.keras): load it instead of training one")
+  parser.add_argument("--students", default=",".join(s[0] for s in STUDENTS),
+                      help=f"comma-separated, of {[s[0] for s in STUDENTS]}")
   args = parser.parse_args(argv)
+  students = [s for s in STUDENTS if s[0] in args.students.split(",")]
+  teacher = (keras.models.load_model(args.teacher_model, compile=False)
+             if args.teacher_model else None)
   train_images, train_labels = idx.load_split(args.idx_dir, "train")
   test_images, test_labels = idx.load_split(args.idx_dir, "test")
   n, m = args.max_train_examples, args.max_test_examples
   report = run_notebook(train_images[:n], train_labels[:n], test_images[:m], test_labels[:m],
-                        args.teacher_epochs, args.student_epochs, seed=args.seed)
+                        args.teacher_epochs, args.student_epochs, students, args.seed, teacher)
   print(json.dumps(report), flush=True)
 
 

@@ -1,14 +1,35 @@
 """What the benchmark prints and saves: the throughput table, the targets (ours over the faster
 of the two baselines at the same batch size), the other modes, the end-to-end runs, and the
-notebook's whole schedule extrapolated from the measured baseline."""
+notebook's whole schedule extrapolated from the measured baseline, the short run as a whole
+process, and mixed_bfloat16 against float32 on this CPU."""
 
 import keras
 import tensorflow as tf
 
-from benchmarks import notebook
+from benchmarks import notebook, precision, whole_process
 from benchmarks.throughput import DEFAULT_THREADS, EXTRA_MODES, PHASES, baseline_name, variant_name
 
 TARGETS = {"teacher training": 1.5, "distillation": 4.0}  # ours/baseline at equal batch size
+BF16_RULE = 1.5  # mixed_bfloat16 must be this much faster than float32 for auto to choose it
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> dict:
+  """Which of BF16_FLAGS this machine's CPU reports (Linux /proc/cpuinfo), and its model."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return {"model": "unknown", **{flag: None for flag in BF16_FLAGS}}
+  flags = set()
+  model = "unknown"
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "flags":
+      flags.update(value.split())
+    elif key.strip() == "model name" and model == "unknown":
+      model = value.strip()
+  return {"model": model, **{flag: flag in flags for flag in BF16_FLAGS}}
 
 
 def _fmt_ratio(ours, base):
@@ -108,6 +129,24 @@ def mode_lines(phases, batch_sizes, extra_modes) -> list:
   return lines
 
 
+def bf16_lines(phases, batch_sizes, extra_modes, flags) -> list:
+  """mixed_bfloat16 over float32 on our training steps (teacher, student), with the CPU's
+  bf16 features and the rule for --mixed_precision=auto."""
+  if "bf16" not in extra_modes:
+    return []
+  have = ", ".join(f"{flag} {'yes' if flags.get(flag) else 'no'}" for flag in BF16_FLAGS)
+  ratios = {(phase, batch): _median(phases, phase, variant_name(batch, "bf16"))
+            / _median(phases, phase, variant_name(batch))
+            for phase in TARGETS for batch in batch_sizes}
+  parts = [f"{'teacher step' if phase == 'teacher training' else 'student step'} at batch "
+           f"{batch} {ratio:.2f}x" for (phase, batch), ratio in ratios.items()]
+  slowest = min(ratios.values())
+  verdict = (f"all >= {BF16_RULE:g}x" if slowest >= BF16_RULE
+             else f"below the {BF16_RULE:g}x rule ({slowest:.2f}x at the least)")
+  return [f"- mixed_bfloat16 / float32 on this CPU ({flags.get('model', 'unknown')}; {have}): "
+          + ", ".join(parts) + f": {verdict}"]
+
+
 def _accuracy_line(accuracies) -> str:
   return "  test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(accuracies.items()))
 
@@ -142,13 +181,15 @@ def end_to_end_lines(job, notebook_run, extrapolated) -> list:
   return lines
 
 
-def print_report(run, measured, job, notebook_run) -> None:
+def print_report(run, measured, job, notebook_run, whole=None, steps=None) -> None:
   """Prints the whole report. `run`: what was run (date, cpu_count, examples, runs, warmup,
   batch_sizes, batch_slices, intra_op_threads, extra_modes); `measured`: measure_throughput's."""
   phases, batch_sizes = measured["phases"], run["batch_sizes"]
   slices = ", ".join(f"{run['batch_slices'][b]} at {b}" for b in batch_sizes)
+  load = run.get("load_average")
   print(f"## Benchmark: notebook baseline vs ours ({run['date']}, {run['cpu_count']} CPU "
-        f"cores, TensorFlow {tf.__version__}, Keras {keras.__version__})")
+        f"cores, TensorFlow {tf.__version__}, Keras {keras.__version__}"
+        + (f", load average {load[0]:.1f} at the end" if load else "") + ")")
   print(f"{run['examples']} real MNIST training images per run; median of {run['runs']} runs "
         f"after {run['warmup']} warm-up; runs of each variant alternate. Ours: batch slices "
         f"{slices}, intra-op threads {run['intra_op_threads'] or 'TF default'}.")
@@ -159,14 +200,20 @@ def print_report(run, measured, job, notebook_run) -> None:
         f"{measured['teacher_logits_seconds']:.2f} s")
   lines = (target_lines(phases, batch_sizes, run["extra_modes"])
            + default_batch_lines(phases, batch_sizes)
-           + mode_lines(phases, batch_sizes, run["extra_modes"]))
+           + mode_lines(phases, batch_sizes, run["extra_modes"])
+           + bf16_lines(phases, batch_sizes, run["extra_modes"], run.get("cpu_flags", {})))
+  if steps:
+    lines += precision.report_lines(steps, run["precision_rounds"], run["precision_steps"])
   if job is not None:
     lines += end_to_end_lines(job, notebook_run, extrapolate_notebook(phases))
+  if whole is not None:
+    lines += whole_process.report_lines(whole)
   for line in lines:
     print(line)
 
 
-def json_report(run, measured, job, notebook_run, default_students) -> dict:
+def json_report(run, measured, job, notebook_run, default_students, whole=None,
+                steps=None) -> dict:
   """Every measurement, every run of each variant included, for --json_out."""
   phases = measured["phases"]
   return {
@@ -176,4 +223,7 @@ def json_report(run, measured, job, notebook_run, default_students) -> dict:
       "teacher_logits_seconds": measured["teacher_logits_seconds"],
       "default_job": job, "notebook": notebook_run,
       "notebook_extrapolated": extrapolate_notebook(phases),
-      "default_students": list(default_students)}
+      "default_students": list(default_students), "whole_process": whole,
+      "precision_steps": {str(batch): {f"{role} {policy}": values
+                                       for (role, policy), values in found.items()}
+                          for batch, found in (steps or {}).items()}}

@@ -32,7 +32,8 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
        f"--json_out={json_out}",
        "--subset_job_args=--max_train_examples=256 --validation_examples=64 "
        "--max_test_examples=64 --teacher_epochs=1 --student_epochs=1 --batch_size=64 "
-       "--student=distilled:alpha=0.5"],
+       "--student=distilled:alpha=0.5", "--whole_process_runs=1",
+       "--whole_process_subset=256,64", "--precision_rounds=1", "--precision_steps=2"],
       cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = proc.stdout
@@ -61,6 +62,31 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
   rss = re.search(r"^- default job \(subset .*\): wall \d+ s, peak RSS (\d+) MiB$", out, re.M)
   assert rss and int(rss.group(1)) > 100, out  # a TensorFlow process: hundreds of MiB
   assert "EXTRAPOLATED" in out
+  assert re.search(r"^- mixed_bfloat16 / float32 on this CPU \(.*; avx512_bf16 (yes|no), "
+                   r"amx_bf16 (yes|no), amx_tile (yes|no)\): teacher step at batch 32 "
+                   r"\d+\.\d\dx, teacher step at batch 128 \d+\.\d\dx, student step at batch 32 "
+                   r"\d+\.\d\dx, student step at batch 128 \d+\.\d\dx: ", out, re.M), out
+  for role in ("teacher", "student"):
+    for batch in (32, 128):
+      assert re.search(rf"^- {role} step at batch {batch}, 2 steps per call, median of 1 in "
+                       r"turns: float32 [\d,]+ img/s, mixed_bfloat16 [\d,]+ img/s: \d+\.\d\dx; "
+                       r"per CPU second [\d,]+ vs [\d,]+: \d+\.\d\dx$", out, re.M), out
+  assert re.search(r"^- whole process, short run \(subset: 256 training, 64 test images\): "
+                   r"`mnist-distill --mode=students --teacher_dir=TEACHER "
+                   r"--student=s:alpha=0.5,temperature=4 --student_epochs=3 --batch_size=32 ", out,
+                   re.M), out
+  assert re.search(r"^  ours \d+\.\d s, the notebook's Distiller \d+\.\d s \(median of 1, in "
+                   r"turns; load [\d.]+-[\d.]+\): \d+\.\d\dx \(target >= 4x\): (met|MISSED)$",
+                   out, re.M), out
+  assert re.search(r"^  CPU seconds \(user \+ system\): ours \d+\.\d, the notebook's \d+\.\d: "
+                   r"\d+\.\d\dx$", out, re.M), out
+  assert re.search(r"^  ours, median seconds: start-up \d+\.\d, teacher logits \d+\.\d, "
+                   r"training \d+\.\d, report and exit \d+\.\d, the rest \d+\.\d; "
+                   r"`python -c 'import tensorflow, keras'` alone \d+\.\d$", out, re.M), out
+  assert re.search(r"^  floor: import \+ teacher logits \+ training = \d+\.\d s, so at most "
+                   r"\d+\.\d\dx with everything else free$", out, re.M), out
+  assert re.search(r"^  test accuracy: ours \d\.\d{4}, the notebook's \d\.\d{4}$", out, re.M), out
+  assert "FAILED" not in out
   saved = json.loads(json_out.read_text())
   assert set(saved["median"]) == set(throughput.PHASES)
   baselines = {"baseline@32", "baseline@128"}
@@ -69,6 +95,11 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
       "ours@32", "ours@128", "ours@32 bf16", "ours@128 bf16"}
   assert all(len(v) == 2 for v in saved["throughput"]["distillation"].values())  # warm-up + 1
   assert saved["default_job"]["returncode"] == 0
+  assert set(saved["precision_steps"]["32"]) == {
+      "teacher float32", "teacher mixed_bfloat16", "student float32", "student mixed_bfloat16"}
+  whole = saved["whole_process"]
+  assert len(whole["ours"]) == len(whole["notebook"]) == len(whole["floor"]) == 1
+  assert not whole["failed"] and saved["cpu_flags"]["avx512_bf16"] in (True, False)
 
 
 def test_baseline_distiller_computes_the_project_loss():

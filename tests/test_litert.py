@@ -114,6 +114,13 @@ def test_a_mixed_precision_network_exports_as_its_float32_self(exported, tmp_pat
   np.testing.assert_array_equal(litert_export.predict_classes(float_model, images), keras_classes)
 
 
+def test_the_float32_flatbuffer_reuses_the_models_own_savedmodel(exported):
+  """export_and_measure converts a float32 network from its export/ SavedModel (written once,
+  not twice): the file is byte for byte what a fresh SavedModel of the network gives."""
+  with open(os.path.join(exported["folder"], "litert", "float32.tflite"), "rb") as f:
+    assert f.read() == litert_export.convert_float32(exported["net"])
+
+
 def test_a_failing_conversion_is_recorded_not_raised(tmp_path, caplog):
   """A network the converters cannot take (wrong input shape for the 28x28 contract)."""
   net = keras.Sequential([keras.Input((28, 28, 3)), keras.layers.Flatten(),

@@ -103,12 +103,16 @@ def _pixels_archive(net: keras.Model, path: str) -> None:
   archive.write_out(path, verbose=False)
 
 
-def convert_float32(net: keras.Model) -> bytes:
-  """The float32 flatbuffer, converted from a SavedModel with the job's serving contract.
+def convert_float32(net: keras.Model, saved_model_dir=None) -> bytes:
+  """The float32 flatbuffer, converted from a SavedModel with the job's serving contract:
+  `saved_model_dir` when given (the model's own export of this same float32 `net`: written
+  once, not twice), else one written here.
 
   From a SavedModel rather than a concrete function: the converter freezes the weights on that
   path (from_concrete_functions with a trackable object keeps them as variables it never
   fills)."""
+  if saved_model_dir is not None:
+    return tf.lite.TFLiteConverter.from_saved_model(saved_model_dir).convert()
   with tempfile.TemporaryDirectory(prefix="mnist-distill-litert-") as tmp:
     export.export_saved_model(net, os.path.join(tmp, "float"))
     converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(tmp, "float"))
@@ -203,7 +207,7 @@ def saved_model_latency(export_dir: str, images: np.ndarray, config: MeasureConf
     if len(batch_images) < batch:  # fewer test images than the batch: repeat them
       batch_images = np.resize(images, (batch, 28, 28))
     inputs = tf.constant(batch_images)
-    for _ in range(max(1, min(config.warmup_runs, runs))):
+    for _ in range(max(1, min(config.warmup_runs, runs // 4))):  # the first calls pay setup
       serve(images=inputs)["classes"].numpy()
     times = []
     for _ in range(max(1, runs)):
@@ -266,21 +270,24 @@ def export_and_measure(net: keras.Model, folder: str, train_images: np.ndarray,
     raise ValueError("measuring exports needs test images")
   calibration = representative_images(train_images, config.representative_examples,
                                       config.seed)
+  saved_model_dir = saved_model_dir or os.path.join(folder, layout.EXPORT)
+  trained = net
   try:
     net = float32_network(net)
   except Exception as e:  # pylint: disable=broad-except  # the converters may still cope
     logging.warning("%s: no float32 twin of the network (%s): converting it as it is",
                     os.path.basename(folder), e)
+  # A float32 network's own SavedModel is what convert_float32 would write again.
+  reuse = saved_model_dir if net is trained and os.path.isdir(saved_model_dir) else None
   exports = {"litert_float32": _measure_flatbuffer(
-                 "float32", lambda: convert_float32(net), folder, test_images, test_labels,
-                 config),
+                 "float32", lambda: convert_float32(net, reuse), folder, test_images,
+                 test_labels, config),
              "litert_int8": _measure_flatbuffer(
                  "int8", lambda: convert_int8(net, calibration), folder, test_images,
                  test_labels, config)}
   if "error" not in exports["litert_int8"]:
     exports["litert_int8"]["representative_examples"] = int(len(calibration))
     exports["litert_int8"]["representative_split"] = "train"
-  saved_model_dir = saved_model_dir or os.path.join(folder, layout.EXPORT)
   try:
     exports["saved_model"] = {"path": os.path.relpath(saved_model_dir, folder),
                               "bytes": folder_bytes(saved_model_dir),

@@ -158,15 +158,18 @@ class ModelTrainer:
                         should_stop=self.should_stop)
     loop.restore(resume_from)
     try:
-      loop.run()
+      history = loop.run()
     except (Preempted, NonFiniteLoss) as e:
       raise type(e)(f"{name}: {e}") from None
     finally:
       if not rt.chief:
         shutil.rmtree(checkpoints, ignore_errors=True)
     logs.close()  # its last events go up with the model's folder in finish()
+    # The last epoch was validated on these very weights: evaluate only when this process
+    # trained no epoch (a restart after the last one).
     return Trained(seconds=float(loop.train_seconds.numpy()),
-                   validation=loop.evaluate(validation),
+                   validation=history[-1]["validation"] if history
+                   else loop.evaluate(validation),
                    examples=epochs * train.steps_per_epoch * s.batch_size)
 
   # ---- finishing ----
