@@ -4,7 +4,7 @@ They look where the run's files end up: the bucket for a gs:// run, else the loc
 
 import os
 
-from trainer import storage
+from trainer.rundir import storage
 
 
 def _where(run: storage.RunStorage, relpath: str):

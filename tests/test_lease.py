@@ -1,4 +1,4 @@
-"""trainer.lease: one writer per model, locally (flock) and on a real GCS emulator."""
+"""trainer.rundir.lease: one writer per model, locally (flock) and on a real GCS emulator."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from trainer import lease, storage
+from trainer.rundir import lease, storage
 
 from gcs_emulator import GcsEmulator
 from helpers import REPO, cli_env
@@ -18,7 +18,7 @@ from helpers import REPO, cli_env
 # A process that takes the teacher's lease and holds it for HOLD seconds (or until killed).
 CHILD = """
 import sys, time
-from trainer import lease, storage
+from trainer.rundir import lease, storage
 model_dir, staging, wait, ttl, hold = sys.argv[1:6]
 run = storage.open_storage(model_dir, staging_root=staging)
 try:

@@ -1,4 +1,4 @@
-"""trainer.storage against a real GCS emulator (tests/gcs_emulator.py), started per test."""
+"""trainer.rundir.storage against a real GCS emulator (tests/gcs_emulator.py), started per test."""
 
 import hashlib
 import logging
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from trainer import storage
 from trainer.errors import StorageError, UsageError
+from trainer.rundir import storage
 
 from gcs_emulator import free_port
 from storage_helpers import exists_remote, read_remote
@@ -244,7 +244,8 @@ def test_queued_sync_survives_an_outage(gcs_emulator, tmp_path, monkeypatch, cap
   assert sorted(gens(gcs_emulator)) == ["teacher/ckpt-1.data", "teacher/early",
                                         "teacher/result.json"]
   assert gcs_emulator.read("run/teacher/result.json") == b'{"done": true}'
-  assert any("retry" in r.getMessage() for r in caplog.records if r.name == "trainer.storage")
+  assert any("retry" in r.getMessage() for r in caplog.records
+             if r.name == "trainer.rundir.storage")
   s.close()
 
 
@@ -295,7 +296,7 @@ def test_nothing_queued_after_a_failure_is_uploaded(gcs_emulator, tmp_path, monk
 def test_a_superseded_snapshot_does_not_publish_its_checkpoint_state(
     gcs_emulator, tmp_path, monkeypatch, caplog):
   monkeypatch.setenv(storage.RETRY_ENV, "30")
-  caplog.set_level(logging.INFO, logger="trainer.storage")
+  caplog.set_level(logging.INFO, logger="trainer.rundir.storage")
   s = open_run(gcs_emulator, tmp_path)
   gcs_emulator.stop()  # the worker falls behind the trainer
   write(s.local_dir, "ckpt/ckpt-1.data", b"one")

@@ -12,8 +12,8 @@ from typing import List, Optional, Sequence
 
 from absl import flags
 
-from trainer import tf_config
 from trainer.errors import UsageError
+from trainer.training import tf_config
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_STUDENTS = (
@@ -26,16 +26,17 @@ MAX_SEED = 2**31 - 1  # TensorFlow's and NumPy's seeds both accept this range
 MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a typo
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-# trainer/augment.py implements them (KINDS); tests keep the two lists equal.
+# trainer/data/augment.py implements them (KINDS); tests keep the two lists equal.
 AUGMENTATIONS = ("none", "shift", "affine", "elastic", "shift_flip")
-MIN_MIXUP, MAX_MIXUP = 0.1, 100.0  # trainer/mixup.py's concentration range (no TF here)
+MIN_MIXUP, MAX_MIXUP = 0.1, 100.0  # trainer/data/mixup.py's concentration range (no TF here)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentSpec:
   """One student experiment: alpha weighs the distillation term, temperature softens logits,
-  mixup (a Beta concentration, 0: off) mixes its training images in pairs (trainer/mixup.py)."""
+  mixup (a Beta concentration, 0: off) mixes its training images in pairs
+  (trainer/data/mixup.py)."""
 
   name: str
   alpha: float
@@ -381,9 +382,9 @@ LOCATION_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LO
 
 
 def _check_locations(fv: flags.FlagValues, environ) -> None:
-  """One URL grammar for every place the job reads or writes (trainer/storage.py): a value
+  """One URL grammar for every place the job reads or writes (trainer/rundir/storage.py): a value
   that looks like a URL is a valid gs://BUCKET[/PREFIX] or exit 2, never a local folder."""
-  from trainer import storage  # light: the Cloud Storage client is imported on first use
+  from trainer.rundir import storage  # light: the Cloud Storage client is imported on first use
   for name in LOCATION_FLAGS:
     if fv[name].value:
       storage.parse_location(fv[name].value, f"--{name}")
