@@ -71,8 +71,8 @@ if [ "$sync" = true ]; then
   cache=${MNIST_DISTILL_TB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mnist-distill/tensorboard}
   fetch() {  # prints the local copy's folder
     "$python" -c 'import sys
-from trainer.rundir import storage
-print(storage.fetch_to_local(sys.argv[1], sys.argv[2]))' "$model_dir/logs" "$cache"
+from trainer.rundir import downloads
+print(downloads.fetch_to_local(sys.argv[1], sys.argv[2]))' "$model_dir/logs" "$cache"
   }
   if ! logdir=$(fetch); then
     echo "tensorboard.sh: could not fetch $model_dir/logs" >&2

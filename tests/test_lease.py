@@ -11,6 +11,7 @@ import time
 import pytest
 
 from trainer.rundir import lease, storage
+from trainer.rundir.gcs import RETRY_ENV
 
 from gcs_emulator import GcsEmulator
 from helpers import REPO, cli_env
@@ -36,7 +37,7 @@ print("released", flush=True)
 
 @pytest.fixture(autouse=True)
 def short_retries(monkeypatch):
-  monkeypatch.setenv(storage.RETRY_ENV, "5")
+  monkeypatch.setenv(RETRY_ENV, "5")
 
 
 def start_child(model_dir, staging, wait=0.0, ttl=30.0, hold=60.0):

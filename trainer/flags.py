@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 from absl import flags
 
 from trainer.errors import UsageError
+from trainer.rundir import locations
 from trainer.training import tf_config
 
 DEFAULT_TEMPERATURE = 4.0
@@ -382,15 +383,14 @@ LOCATION_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LO
 
 
 def _check_locations(fv: flags.FlagValues, environ) -> None:
-  """One URL grammar for every place the job reads or writes (trainer/rundir/storage.py): a value
+  """One URL grammar for every place the job reads or writes (trainer/rundir/locations.py): a value
   that looks like a URL is a valid gs://BUCKET[/PREFIX] or exit 2, never a local folder."""
-  from trainer.rundir import storage  # light: the Cloud Storage client is imported on first use
   for name in LOCATION_FLAGS:
     if fv[name].value:
-      storage.parse_location(fv[name].value, f"--{name}")
+      locations.parse_location(fv[name].value, f"--{name}")
   for name in LOCATION_VARIABLES:
     if environ.get(name, "").strip():
-      storage.parse_location(environ[name].strip(), f"${name}")
+      locations.parse_location(environ[name].strip(), f"${name}")
 
 
 def _default_model_dir(environ) -> str:

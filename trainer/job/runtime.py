@@ -19,7 +19,7 @@ from trainer.errors import UsageError
 from trainer.flags import Settings
 from trainer.modeling import batch_slices
 from trainer.modeling.outside_teacher import OutsideTeacher, load_teacher
-from trainer.rundir import disk_full, layout, storage
+from trainer.rundir import disk_full, downloads, layout, locations, storage
 from trainer.training import distribution
 
 TEACHER = "teacher"
@@ -91,7 +91,7 @@ def _open_mirror(variable: str, local_dir: str, same_as: str) -> Optional[storag
   target = os.environ.get(variable, "").strip().rstrip("/")
   if not target or target == same_as:
     return None
-  if not storage.is_remote(target):
+  if not locations.is_remote(target):
     logging.warning("%s=%s is not a gs:// URL: not mirrored", variable, target)
     return None
   mirror = storage.RunStorage(local_dir, remote=target)
@@ -119,7 +119,7 @@ def _locate_teacher(s: Settings, run_storage: storage.RunStorage) -> str:
     run_storage.pull(layout.result_rel(TEACHER), exact=True)
     run_storage.pull(layout.rel(TEACHER, layout.MODEL_FILE), exact=True)
   else:
-    local = storage.fetch_to_local(s.teacher_dir)
+    local = downloads.fetch_to_local(s.teacher_dir)
   if not (os.path.isfile(os.path.join(local, layout.RESULT))
           and os.path.isfile(os.path.join(local, layout.MODEL_FILE))):
     raise UsageError(f"--mode=students needs a finished teacher in {s.teacher_dir} "
@@ -131,8 +131,8 @@ def load_splits(s: Settings) -> data.Splits:
   """The task's splits; their source names the flag's location (a bucket URL, not the staging
   copy it was fetched to), so that reruns on another disk record the same data."""
   splits = data.load_splits(
-      s.dataset, data_dir=storage.fetch_to_local(s.data_dir) if s.data_dir else None,
-      idx_dir=storage.fetch_to_local(s.idx_dir) if s.idx_dir else None,
+      s.dataset, data_dir=downloads.fetch_to_local(s.data_dir) if s.data_dir else None,
+      idx_dir=downloads.fetch_to_local(s.idx_dir) if s.idx_dir else None,
       validation_examples=s.validation_examples, max_train_examples=s.max_train_examples,
       max_test_examples=s.max_test_examples)
   return dataclasses.replace(splits, source=f"idx:{s.idx_dir}") if s.idx_dir else splits
@@ -177,7 +177,7 @@ def prepare(s: Settings, strategy: Optional[tf.distribute.Strategy] = None,
   if s.mode in ("all", "students"):
     if s.teacher_model:
       given_teacher = dataclasses.replace(load_teacher(
-          storage.fetch_to_local(s.teacher_model, flag_name="--teacher_model"),
+          downloads.fetch_to_local(s.teacher_model, flag_name="--teacher_model"),
           s.teacher_input_range, probe_images=splits.validation_images[:32]),
           source=s.teacher_model)  # the user's location, not the staging copy
       logging.info("Teacher: %s", given_teacher.description)
@@ -193,9 +193,9 @@ def prepare(s: Settings, strategy: Optional[tf.distribute.Strategy] = None,
 def _load_transfer(s: Settings) -> Optional[TransferSet]:
   if not (s.transfer_idx_dir or s.transfer_dataset):
     return None
-  idx_dir = (storage.fetch_to_local(s.transfer_idx_dir, flag_name="--transfer_idx_dir")
+  idx_dir = (downloads.fetch_to_local(s.transfer_idx_dir, flag_name="--transfer_idx_dir")
              if s.transfer_idx_dir else None)
-  data_dir = storage.fetch_to_local(s.data_dir) if s.data_dir else None
+  data_dir = downloads.fetch_to_local(s.data_dir) if s.data_dir else None
   images, labels = transfer_set.load_transfer_set(idx_dir=idx_dir, tfds_name=s.transfer_dataset,
                                                   data_dir=data_dir)
   source = transfer_set.source_name(idx_dir=s.transfer_idx_dir, tfds_name=s.transfer_dataset)

@@ -20,7 +20,7 @@ import shutil
 from typing import Optional
 
 from trainer.errors import OutputFull
-from trainer.rundir import layout, storage
+from trainer.rundir import downloads, layout, locations, storage
 
 _ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _MESSAGES = ("No space left on device", "Disk quota exceeded")
@@ -189,7 +189,7 @@ def explain(exc: BaseException, s, rt=None, model_params=None) -> Optional[Outpu
   path = _failed_path(cause)
   _remove_half_checkpoint(path)
   remote = rt.storage.remote if rt is not None else (
-      s.model_dir if storage.is_remote(s.model_dir) else None)
+      s.model_dir if locations.is_remote(s.model_dir) else None)
   root = rt.dir if rt is not None else storage.local_folder(s.model_dir)
   absolute = os.path.abspath(root)
   inside = path and os.path.abspath(path).startswith(absolute + os.sep)
@@ -202,7 +202,7 @@ def explain(exc: BaseException, s, rt=None, model_params=None) -> Optional[Outpu
   if not inside:
     where = root
   elif remote:
-    where = f"the staging folder {root} of {remote} (${storage.STAGING_ENV})"
+    where = f"the staging folder {root} of {remote} (${downloads.STAGING_ENV})"
   else:
     where = f"--model_dir {root}"
   try:

@@ -33,7 +33,8 @@ from typing import Optional, Tuple
 
 from trainer import errors
 from trainer.errors import StorageError
-from trainer.rundir import storage
+from trainer.rundir import gcs, storage
+from trainer.rundir.locations import LEASES, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class LeaseLost(ModelBusy):
 
 def lease_rel(model: str) -> str:
   """The lease's path relative to the run's root."""
-  return f"{storage.LEASES}/{model}.lease"
+  return f"{LEASES}/{model}.lease"
 
 
 def _new_holder_id() -> str:
@@ -173,11 +174,11 @@ class _BucketLease(Lease):
   """An object with the holder's id and expiry, written under generation preconditions."""
 
   def __init__(self, run: storage.RunStorage, model: str, timing: _Timing):
-    bucket_name, prefix = storage.parse_location(run.remote, "remote")
+    bucket_name, prefix = parse_location(run.remote, "remote")
     self._name = "/".join(p for p in (prefix, lease_rel(model)) if p)
     super().__init__(model, f"gs://{bucket_name}/{self._name}", _new_holder_id())
     self._bucket_name, self._timing = bucket_name, timing
-    self._budget = storage.retry_seconds()
+    self._budget = gcs.retry_seconds()
     self._tls = threading.local()
     self._lost: Optional[str] = None
     self._generation = 0
@@ -198,12 +199,12 @@ class _BucketLease(Lease):
   # ---- requests ----
   def _bucket(self):
     if getattr(self._tls, "bucket", None) is None:  # one client per thread
-      self._tls.bucket = storage.bucket_handle(self._bucket_name)
+      self._tls.bucket = gcs.bucket_handle(self._bucket_name)
     return self._tls.bucket
 
   def _retrying(self, fn, what, budget=None):
-    return storage.with_retries(fn, f"{what} {self.where}",
-                                self._budget if budget is None else budget)
+    return gcs.with_retries(fn, f"{what} {self.where}",
+                            self._budget if budget is None else budget)
 
   def _write(self, generation: int, budget=None) -> Tuple[int, float]:
     """Writes a fresh record if the object's generation is `generation` (0: absent);
