@@ -32,7 +32,6 @@ import uuid
 from typing import Optional, Tuple
 
 from trainer import errors
-from trainer.errors import StorageError
 from trainer.rundir import gcs, storage
 from trainer.rundir.locations import LEASES, parse_location
 
@@ -41,6 +40,7 @@ log = logging.getLogger(__name__)
 EXIT_BUSY = errors.EXIT_BUSY
 ModelBusy = errors.ModelBusy
 DEFAULT_TTL_SECONDS = 60.0
+_CONFLICTS = 20  # lost races for an expired bucket lease before giving up as busy
 
 
 class LeaseLost(ModelBusy):
@@ -68,6 +68,11 @@ def _describe(record: dict) -> str:
   return holder
 
 
+def _busy(model: str, where: str, record: dict, waited: float) -> ModelBusy:
+  return ModelBusy(f"model {model} is busy: {where} is held by {_describe(record)}; "
+                   f"waited {waited:.0f}s. Train each model in one process at a time")
+
+
 @dataclasses.dataclass
 class _Timing:
   wait_seconds: float
@@ -76,6 +81,32 @@ class _Timing:
   @property
   def poll_seconds(self) -> float:
     return max(0.05, min(2.0, self.ttl_seconds / 4))
+
+
+class _Wait:
+  """Waiting for a live lease held by another process: says once what it waits for, and gives
+  up with ModelBusy once `wait_seconds` have passed."""
+
+  def __init__(self, model: str, where: str, wait_seconds: float):
+    self.model, self.where, self.wait_seconds = model, where, wait_seconds
+    self.started, self._announced = time.monotonic(), False
+
+  def waited(self) -> float:
+    return time.monotonic() - self.started
+
+  def busy(self, record: dict) -> ModelBusy:
+    return _busy(self.model, self.where, record, self.waited())
+
+  def sleep(self, record: dict, at_most: float) -> None:
+    """Sleeps up to `at_most` seconds before the next look; ModelBusy if the wait is over."""
+    waited = self.waited()
+    if waited >= self.wait_seconds:
+      raise self.busy(record) from None
+    if not self._announced:
+      log.info("%s: waiting up to %.0fs for %s", self.model, self.wait_seconds,
+               _describe(record))
+      self._announced = True
+    time.sleep(min(at_most, self.wait_seconds - waited))
 
 
 class Lease:
@@ -96,10 +127,6 @@ class Lease:
   def __exit__(self, *exc) -> None:
     self.release()
 
-  def _busy(self, record: dict, waited: float) -> ModelBusy:
-    return ModelBusy(f"model {self.model} is busy: {self.where} is held by {_describe(record)}; "
-                     f"waited {waited:.0f}s. Train each model in one process at a time")
-
 
 def acquire(run: storage.RunStorage, model: str, wait_seconds: float,
             ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Lease:
@@ -112,62 +139,62 @@ def acquire(run: storage.RunStorage, model: str, wait_seconds: float,
     raise ValueError(f"wait_seconds >= 0 and ttl_seconds > 0, got {wait_seconds}, {ttl_seconds}")
   timing = _Timing(float(wait_seconds), float(ttl_seconds))
   if run.remote is None:
-    return _FileLease(run, model, timing)
-  return _BucketLease(run, model, timing)
+    return _FileLease.take(run, model, timing)
+  return _BucketLease.take(run, model, timing)
 
 
 class _FileLease(Lease):
   """flock on <run>/_leases/<model>.lease; the file records the holder for waiters' messages."""
 
-  def __init__(self, run: storage.RunStorage, model: str, timing: _Timing):
+  def __init__(self, model: str, path: str, holder: str, fd: int):
+    super().__init__(model, path, holder)
+    self._fd: Optional[int] = fd
+
+  @classmethod
+  def take(cls, run: storage.RunStorage, model: str, timing: _Timing) -> "_FileLease":
     path = os.path.join(run.local_dir, *lease_rel(model).split("/"))
-    super().__init__(model, path, _new_holder_id())
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    started, announced = time.monotonic(), False
+    wait = _Wait(model, path, timing.wait_seconds)
     while True:
       fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         os.close(fd)
-        waited = time.monotonic() - started
-        if waited >= timing.wait_seconds:
-          raise self._busy(self._record(), waited) from None
-        if not announced:
-          log.info("%s: waiting up to %.0fs for %s", model, timing.wait_seconds,
-                   _describe(self._record()))
-          announced = True
-        time.sleep(min(0.25, timing.wait_seconds - waited))  # a local lock costs nothing
+        wait.sleep(_read_record(path), 0.25)  # a local lock costs nothing to look at
         continue
-      if self._same_file(fd):
+      if _same_file(path, fd):
         break
       os.close(fd)  # locked a file someone removed meanwhile: lock the one there now
-    self._fd: Optional[int] = fd
-    record = json.dumps({"holder": self.holder, "model": model, "since": _utc(time.time())})
+    held = cls(model, path, _new_holder_id(), fd)
+    record = json.dumps({"holder": held.holder, "model": model, "since": _utc(time.time())})
     os.ftruncate(fd, 0)
     os.pwrite(fd, (record + "\n").encode(), 0)
-
-  def _same_file(self, fd: int) -> bool:
-    try:
-      return os.stat(self.where).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-      return False
-
-  def _record(self) -> dict:
-    try:
-      with open(self.where) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return {}
+    return held
 
   def ensure_held(self) -> None:
-    if self._fd is None or not self._same_file(self._fd):
+    if self._fd is None or not _same_file(self.where, self._fd):
       raise LeaseLost(f"model {self.model}: lease {self.where} was removed while training")
 
   def release(self) -> None:
     fd, self._fd = self._fd, None
     if fd is not None:
       os.close(fd)  # drops the lock; the file stays (removing it would race with new holders)
+
+
+def _same_file(path: str, fd: int) -> bool:
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def _read_record(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 class _BucketLease(Lease):
@@ -177,34 +204,27 @@ class _BucketLease(Lease):
     bucket_name, prefix = parse_location(run.remote, "remote")
     self._name = "/".join(p for p in (prefix, lease_rel(model)) if p)
     super().__init__(model, f"gs://{bucket_name}/{self._name}", _new_holder_id())
-    self._bucket_name, self._timing = bucket_name, timing
+    self._timing = timing
     self._budget = gcs.retry_seconds()
-    self._tls = threading.local()
+    self._bucket = gcs.ThreadBuckets(bucket_name)
     self._lost: Optional[str] = None
     self._generation = 0
     self._expires = 0.0
-    try:
-      self._take(timing)
-    except (ModelBusy, StorageError):
-      raise
-    except Exception as e:  # pylint: disable=broad-except  # e.g. 403: one line, exit 3
-      text = " ".join(str(e).split())[:300]
-      raise StorageError(
-          f"{self.where}: cannot take the lease: {type(e).__name__}: {text}") from e
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._renew_until_stopped, daemon=True,
                                     name=f"mnist-distill-lease-{model}")
-    self._thread.start()
+
+  @classmethod
+  def take(cls, run: storage.RunStorage, model: str, timing: _Timing) -> "_BucketLease":
+    held = cls(run, model, timing)
+    with gcs.as_storage_error(f"{held.where}: cannot take the lease", keep=(ModelBusy,)):
+      held._take()  # pylint: disable=protected-access  # e.g. 403: one line, exit 3
+    held._thread.start()  # pylint: disable=protected-access
+    return held
 
   # ---- requests ----
-  def _bucket(self):
-    if getattr(self._tls, "bucket", None) is None:  # one client per thread
-      self._tls.bucket = gcs.bucket_handle(self._bucket_name)
-    return self._tls.bucket
-
   def _retrying(self, fn, what, budget=None):
-    return gcs.with_retries(fn, f"{what} {self.where}",
-                            self._budget if budget is None else budget)
+    return gcs.with_retries(fn, f"{what} {self.where}", self._budget if budget is None else budget)
 
   def _write(self, generation: int, budget=None) -> Tuple[int, float]:
     """Writes a fresh record if the object's generation is `generation` (0: absent);
@@ -224,18 +244,21 @@ class _BucketLease(Lease):
 
   def _read(self) -> Optional[Tuple[int, dict]]:
     """(generation, record) of the lease object, None if there is none."""
-    from google.api_core import exceptions
 
     def attempt(timeout):
-      blob = self._bucket().get_blob(self._name, retry=None, timeout=timeout)
-      if blob is None:
-        return None
-      generation = int(blob.generation)  # the download below does not keep it
-      try:
-        data = blob.download_as_bytes(if_generation_match=generation, retry=None,
-                                      timeout=timeout)
-      except (exceptions.NotFound, exceptions.PreconditionFailed):
-        return attempt(timeout)  # replaced or removed between the two requests: look again
+      while True:
+        blob = self._bucket().get_blob(self._name, retry=None, timeout=timeout)
+        if blob is None:
+          return None
+        generation = int(blob.generation)  # the download below does not keep it
+        try:
+          data = blob.download_as_bytes(if_generation_match=generation, retry=None,
+                                        timeout=timeout)
+          break
+        except Exception as e:  # pylint: disable=broad-except
+          if not (gcs.is_not_found(e) or gcs.is_precondition_failed(e)):
+            raise
+          # replaced or removed between the two requests: look again
       try:
         record = json.loads(data)
       except ValueError:
@@ -249,36 +272,29 @@ class _BucketLease(Lease):
     return self._retrying(attempt, "read")
 
   # ---- acquiring ----
-  def _take(self, timing: _Timing) -> None:
-    from google.api_core import exceptions
-    started, announced, conflicts = time.monotonic(), False, 0
+  def _take(self) -> None:
+    wait, conflicts = _Wait(self.model, self.where, self._timing.wait_seconds), 0
     while True:
       found = self._read()
       generation, record = found if found else (0, {})
       if record.get("holder") == self.holder:  # a write of ours whose answer was lost
         self._generation, self._expires = generation, record["expires"]
         return
-      expired = found is None or record["expires"] <= time.time()
-      if expired:
+      if found is None or record["expires"] <= time.time():  # free, or its holder is gone
         try:
           self._generation, self._expires = self._write(generation)
-          if found is not None:
-            log.warning("%s: took over the expired lease of %s", self.model, _describe(record))
-          return
-        except exceptions.PreconditionFailed:
+        except Exception as e:  # pylint: disable=broad-except
+          if not gcs.is_precondition_failed(e):
+            raise
           conflicts += 1  # someone else wrote first (or our own retried write did): look again
-          if conflicts > 20:
-            raise self._busy(record, time.monotonic() - started) from None
+          if conflicts > _CONFLICTS:
+            raise wait.busy(record) from None
           continue
-      waited = time.monotonic() - started
-      if waited >= timing.wait_seconds:
-        raise self._busy(record, waited)
-      if not announced:
-        log.info("%s: waiting up to %.0fs for %s", self.model, timing.wait_seconds,
-                 _describe(record))
-        announced = True
+        if found is not None:
+          log.warning("%s: took over the expired lease of %s", self.model, _describe(record))
+        return
       until_expiry = max(0.0, record["expires"] - time.time())
-      time.sleep(min(timing.poll_seconds, timing.wait_seconds - waited, until_expiry + 0.05))
+      wait.sleep(record, min(self._timing.poll_seconds, until_expiry + 0.05))
 
   # ---- holding ----
   def _renew_until_stopped(self) -> None:
@@ -290,18 +306,17 @@ class _BucketLease(Lease):
 
   def _renew(self) -> Optional[str]:
     """Extends the lease; returns why it is lost, or None."""
-    from google.api_core import exceptions
     try:
       left = max(0.0, self._expires - time.time())
       self._generation, self._expires = self._write(self._generation, left)
       return None
-    except exceptions.PreconditionFailed:
-      found = self._read()
-      if found and found[1].get("holder") == self.holder:  # our write; its answer was lost
-        self._generation, self._expires = found[0], found[1]["expires"]
-        return None
-      return f"taken over by {_describe(found[1])}" if found else "removed by someone else"
     except Exception as e:  # pylint: disable=broad-except
+      if gcs.is_precondition_failed(e):
+        found = self._read()
+        if found and found[1].get("holder") == self.holder:  # our write; its answer was lost
+          self._generation, self._expires = found[0], found[1]["expires"]
+          return None
+        return f"taken over by {_describe(found[1])}" if found else "removed by someone else"
       if time.time() < self._expires:
         log.warning("%s: lease renewal failed, will retry: %s", self.model, e)
         return None
@@ -322,7 +337,6 @@ class _BucketLease(Lease):
     self._thread.join()
     if self._lost is not None:
       return
-    from google.api_core import exceptions
 
     def attempt(timeout):
       self._bucket().blob(self._name).delete(if_generation_match=self._generation, retry=None,
@@ -330,8 +344,9 @@ class _BucketLease(Lease):
 
     try:
       self._retrying(attempt, "release", min(self._budget, 15.0))
-    except (exceptions.NotFound, exceptions.PreconditionFailed):
-      log.warning("%s: lease %s was no longer ours at release", self.model, self.where)
     except Exception as e:  # pylint: disable=broad-except
-      log.warning("%s: could not release %s (it expires by itself): %s", self.model,
-                  self.where, e)
+      if gcs.is_not_found(e) or gcs.is_precondition_failed(e):
+        log.warning("%s: lease %s was no longer ours at release", self.model, self.where)
+      else:
+        log.warning("%s: could not release %s (it expires by itself): %s", self.model,
+                    self.where, e)
