@@ -23,8 +23,9 @@ import math
 
 import tensorflow as tf
 
-# Also trainer/flags.py AUGMENTATIONS (that module imports no TensorFlow).
-KINDS = ("none", "shift", "affine", "elastic", "shift_flip")
+from trainer.data import options
+
+KINDS = options.AUGMENTATIONS
 MAX_SHIFT = 2.0  # pixels, in x and in y
 MAX_ROTATION = math.radians(12.0)
 MAX_SCALE_CHANGE = 0.1  # scale in [0.9, 1.1]

@@ -14,18 +14,16 @@ how batches are gathered, and a resumed run mixes exactly as an uninterrupted on
 import tensorflow as tf
 
 from trainer.data.augment import step_key
+from trainer.data.options import MAX_MIXUP, MIN_MIXUP
 
-MIN_CONCENTRATION = 0.1  # below it Beta(c, c) puts nearly all pairs at w = 0 or 1
-MAX_CONCENTRATION = 100.0  # above it every w is about 0.5
 _SALT = 0x313C  # keeps mixing weights apart from the augmentation draws of the same step
 
 
 def check_concentration(concentration: float) -> float:
-  """0 (off) or within [MIN_CONCENTRATION, MAX_CONCENTRATION]."""
+  """0 (off) or within [MIN_MIXUP, MAX_MIXUP] (trainer/data/options.py)."""
   c = float(concentration)
-  if c != 0.0 and not MIN_CONCENTRATION <= c <= MAX_CONCENTRATION:
-    raise ValueError(f"mixup must be 0 (off) or in [{MIN_CONCENTRATION:g}, "
-                     f"{MAX_CONCENTRATION:g}], got {c:g}")
+  if c != 0.0 and not MIN_MIXUP <= c <= MAX_MIXUP:
+    raise ValueError(f"mixup must be 0 (off) or in [{MIN_MIXUP:g}, {MAX_MIXUP:g}], got {c:g}")
   return c
 
 

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from trainer.data import mixup as mixing
+from trainer.data import options
 
 ROLES = ("student", "teacher")
 # Wide enough for any value the flags accept in practice; the plugin filters sessions by these
@@ -38,7 +38,7 @@ HPARAMS = (
     hp.HParam("batch_size", hp.IntInterval(1, 2**31 - 1), description="global batch size"),
     hp.HParam("seed", hp.IntInterval(-2**31, 2**31 - 1),
               description="initial weights and data order"),
-    hp.HParam("mixup", hp.RealInterval(0.0, mixing.MAX_CONCENTRATION),
+    hp.HParam("mixup", hp.RealInterval(0.0, options.MAX_MIXUP),
               description="Beta concentration of a student's mixup pairs (0: off)"),
 )
 # The hyperparameters that tell the models apart. Marked `differs` in the config, so that the
