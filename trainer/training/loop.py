@@ -4,6 +4,15 @@ Why not `Model.fit`: resuming mid-epoch with the same data order, checkpointing 
 stopping cleanly on SIGTERM and running under MultiWorkerMirroredStrategy (keras-team/keras#20585)
 all need control over the step loop. The model's own `train_step`/`test_step` still do the work;
 this loop only feeds them through `strategy.run`, several steps per `tf.function` call.
+
+Why not `tf.distribute.experimental.PreemptionCheckpointHandler` for SIGTERM: it is documented for
+MultiWorkerMirroredStrategy and TPUStrategy only (the job also runs on the default and mirrored
+strategies), restores from its own checkpoint folder when it is built (a worker here restores
+the chief's checkpoint, pulled from the bucket), and exits the process itself once it has
+saved. The job instead checks the weights before every save, uploads the checkpoint, releases
+its lease and exits 143 with a line that says what was kept, all within the pod's grace period
+(trainer/job/__init__.py, trainer/training/watchdog.py); the workers agree on the step to stop
+at through one collective (_stop_agreed).
 """
 
 import dataclasses
@@ -108,8 +117,7 @@ class TrainingLoop:
     self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
     self._net, self._workers = net, distribution.num_workers(strategy)
     self._restored = (checkpoint_dir, None)  # (folder, checkpoint found) of restore()
-    evaluator = Evaluator(model, strategy, config.jit_compile)
-    self.evaluate = lambda pipeline: self._collective("evaluation", evaluator, pipeline)
+    self._evaluator = Evaluator(model, strategy, config.jit_compile)
     self._gather = distribution.row_gatherer(strategy) if self._workers > 1 else None
     step = (tf.function(model.train_step, jit_compile=True) if config.jit_compile
             else model.train_step)
@@ -121,6 +129,10 @@ class TrainingLoop:
 
     self._run_steps = run_steps
     self._profiling = False
+
+  def evaluate(self, pipeline) -> dict:
+    """The model's metrics over one pass of `pipeline` (every worker takes part)."""
+    return self._collective("evaluation", self._evaluator, pipeline)
 
   def restore(self, source_dir: Optional[str] = None) -> bool:
     """Restores the latest checkpoint in source_dir (default: where this loop saves); True
@@ -192,27 +204,31 @@ class TrainingLoop:
   def _iterations(self) -> int:
     return int(self.model.optimizer.iterations.numpy())
 
-  def _check_finite(self, what: str) -> None:
-    """Why: a NaN or inf never recovers, and a checkpoint of it would be resumed from. The loss
-    (a running mean since the epoch began, so one bad step keeps it non-finite) is checked after
-    every step chunk; weights and optimizer state before every save, which also catches a
-    last step whose loss was finite but whose update was not."""
-    if what == "loss":
-      loss = float(self.model.get_metrics_result()["loss"])
-      bad = None if np.isfinite(loss) else f"training loss {loss}"
-    else:
-      variables = list(self.model.weights) + list(self.model.optimizer.variables)
-      bad = next((f"non-finite values in {getattr(v, 'path', v.name)}" for v in variables
-                  if not np.isfinite(np.asarray(v.numpy(), dtype=np.float64)).all()), None)
-    if bad:
-      epoch, step = int(self.epoch), int(self.step_in_epoch)
-      where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-      kept = self.manager.latest_checkpoint
-      raise NonFiniteLoss(f"{bad} at {where}: stopped without saving "
-                          f"({'kept ' + os.path.basename(kept) if kept else 'no checkpoint'})")
+  # Why these checks: a NaN or inf never recovers, and a checkpoint of it would be resumed from.
+
+  def _check_loss(self) -> None:
+    """After every step chunk: the loss is a running mean since the epoch began, so one bad step
+    keeps it non-finite."""
+    loss = float(self.model.get_metrics_result()["loss"])
+    if not np.isfinite(loss):
+      raise self._non_finite(f"training loss {loss}")
+
+  def _check_weights(self) -> None:
+    """Before every save: weights and optimizer state, which also catches a last step whose loss
+    was finite but whose update was not."""
+    for v in list(self.model.weights) + list(self.model.optimizer.variables):
+      if not np.isfinite(np.asarray(v.numpy(), dtype=np.float64)).all():
+        raise self._non_finite(f"non-finite values in {getattr(v, 'path', v.name)}")
+
+  def _non_finite(self, bad: str) -> NonFiniteLoss:
+    epoch, step = int(self.epoch), int(self.step_in_epoch)
+    where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+    kept = self.manager.latest_checkpoint
+    return NonFiniteLoss(f"{bad} at {where}: stopped without saving "
+                         f"({'kept ' + os.path.basename(kept) if kept else 'no checkpoint'})")
 
   def _save(self):
-    self._check_finite("weights")
+    self._check_weights()
     path = self.manager.save(checkpoint_number=self._iterations())
     watchdog.note_checkpoint(path, int(self.epoch), int(self.step_in_epoch))
     self.on_checkpoint()
@@ -266,7 +282,7 @@ class TrainingLoop:
       self._profile_after_chunk()
       step += count
       self.step_in_epoch.assign(step)
-      self._check_finite("loss")
+      self._check_loss()
       every = self.config.checkpoint_every_steps
       stop = self._stop_agreed()
       if stop or (every and self._iterations() % every == 0
