@@ -205,13 +205,15 @@ def explain(exc: BaseException, s, rt=None, model_params=None) -> Optional[Outpu
     where = f"the staging folder {root} of {remote} (${downloads.STAGING_ENV})"
   else:
     where = f"--model_dir {root}"
-  try:
-    splits = rt.splits if rt is not None else None
-    needed = estimate_bytes(s, model_params(), len(splits.train_labels) if splits else 0,
-                            len(splits.validation_labels) if splits else 0)
-    need = f"this run needs about {_mb(needed)} there (an estimate from its models' sizes); "
-  except Exception:  # pylint: disable=broad-except  # the line matters more than the figure
-    need = ""
+  need = ""
+  if model_params is not None:
+    try:
+      splits = rt.splits if rt is not None else None
+      needed = estimate_bytes(s, model_params(), len(splits.train_labels) if splits else 0,
+                              len(splits.validation_labels) if splits else 0)
+      need = f"this run needs about {_mb(needed)} there (an estimate from its models' sizes); "
+    except Exception:  # pylint: disable=broad-except  # the line matters more than the figure
+      pass
   try:
     usage = shutil.disk_usage(root)
     room = (f"{need}the folder holds {_mb(_folder_bytes(root))}, and {_mb(usage.free)} of "
