@@ -37,9 +37,10 @@ from benchmarks.throughput import (
   job_defaults,
   measure_throughput,
 )
-from trainer import batch_slices, idx
+from trainer.data import idx
 from trainer.errors import UsageError
 from trainer.flags import parse_batch_slices
+from trainer.modeling import batch_slices
 
 
 def _batch_slices_arg(raw):

@@ -9,7 +9,7 @@ import time
 
 import benchmarks
 import trainer
-from trainer import layout
+from trainer.rundir import layout
 
 # What the default job's child gets for the memory measurement when not --job=full.
 SUBSET_JOB_ARGS = ("--max_train_examples=8192", "--validation_examples=1024",

@@ -29,7 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import idx, models
+from trainer.data import idx
+from trainer.modeling import models
 
 BATCH_SIZE = 32
 TEACHER_EPOCHS = 20

@@ -16,11 +16,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import models
-from trainer.classifier import Classifier
-from trainer.distiller import Distiller
-from trainer.optimizers import FusedAdam
-from trainer.pipeline import normalize_images
+from trainer.data.pipeline import normalize_images
+from trainer.modeling import models
+from trainer.modeling.classifier import Classifier
+from trainer.modeling.distiller import Distiller
+from trainer.modeling.optimizers import FusedAdam
 
 POLICIES = ("float32", "mixed_bfloat16")
 ROLES = ("teacher", "student")

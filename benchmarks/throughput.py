@@ -25,13 +25,14 @@ import tensorflow as tf
 from absl import flags
 
 from benchmarks import notebook
-from trainer import evaluation, models
-from trainer.classifier import Classifier
-from trainer.distiller import Distiller
+from trainer.data.pipeline import ArrayPipeline
+from trainer.evaluation import evaluation
 from trainer.flags import StudentSpec, define_flags, parse_students
-from trainer.loop import Evaluator, LoopConfig, TrainingLoop
-from trainer.optimizers import FusedAdam
-from trainer.pipeline import ArrayPipeline
+from trainer.modeling import models
+from trainer.modeling.classifier import Classifier
+from trainer.modeling.distiller import Distiller
+from trainer.modeling.optimizers import FusedAdam
+from trainer.training.loop import Evaluator, LoopConfig, TrainingLoop
 
 PHASES = ("teacher training", "distillation", "evaluation (teacher)", "evaluation (student)")
 # Extra modes of ours, measured at every batch size: (precision policy, jit_compile).

@@ -3,7 +3,7 @@
 #
 # Usage: scripts/tensorboard.sh [--sync] [--every SECONDS] [--port PORT] [--host HOST] MODEL_DIR
 #   MODEL_DIR        a local run folder (runs/default) or gs://bucket/prefix
-#   --sync           gs:// only: copy MODEL_DIR/logs to a local folder with trainer.storage
+#   --sync           gs:// only: copy MODEL_DIR/logs to a local folder with trainer.rundir.storage
 #                    (google-cloud-storage, so STORAGE_EMULATOR_HOST works too) and serve that,
 #                    fetching again every --every seconds (default 30; 0 = once). Without it,
 #                    TensorBoard reads gs:// itself (needs Google Cloud credentials, e.g.
@@ -71,8 +71,8 @@ if [ "$sync" = true ]; then
   cache=${MNIST_DISTILL_TB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mnist-distill/tensorboard}
   fetch() {  # prints the local copy's folder
     "$python" -c 'import sys
-from trainer import storage
-print(storage.fetch_to_local(sys.argv[1], sys.argv[2]))' "$model_dir/logs" "$cache"
+from trainer.rundir import downloads
+print(downloads.fetch_to_local(sys.argv[1], sys.argv[2]))' "$model_dir/logs" "$cache"
   }
   if ! logdir=$(fetch); then
     echo "tensorboard.sh: could not fetch $model_dir/logs" >&2

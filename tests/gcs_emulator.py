@@ -17,6 +17,22 @@ Two ways in which gcp-storage-emulator 2026.7.19 differs from Cloud Storage are 
     segment (legal in Cloud Storage) crashes the handler and 'a//b' lands on 'a/b'. Contents
     are stored under the percent-encoded name instead, so every legal name round-trips.
 
+Quirks left as released, which the trainer's bucket code (trainer/rundir/) keeps clear of:
+  * A ranged GET of a 0-byte object answers `Content-Range: bytes 0--1/0`, which the client
+    rejects; and a 0-byte `uploadType=media` upload crashes the handler, so the connection drops
+    with no response (indistinguishable from an outage: it would be retried until the deadline).
+    So blobs get chunk_size=None (one plain GET per download, never ranges), uploads always pass
+    the size (0-byte files go as one multipart request, never `media`), and 0-byte objects are
+    never downloaded at all (the local file is just created).
+  * Resumable sessions live in the server's memory: a restart between the session POST and its
+    PUT answers 404 for the session. chunk_size=None keeps uploads to one request (<= 8 MiB,
+    multipart) or one session POST plus a single PUT (larger files, up to 100 MiB); a 404 during
+    an upload is retried as transient when the bucket itself still exists. (Multi-chunk
+    resumable uploads, with 1 MiB chunks or an unknown total size, did round-trip byte-exact
+    in this emulator version; older ones could not, which is one more reason to avoid them.)
+  * Object listings ignore maxResults/pageToken (everything comes at once): harmless, but never
+    rely on max_results to bound work.
+
 Use the ready-made `gcs_emulator` fixture from tests/conftest.py, or make your own:
 
     from gcs_emulator import gcs_emulator_fixture

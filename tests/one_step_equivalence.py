@@ -2,8 +2,9 @@
 
 A separate process because logical devices must be configured before TensorFlow starts.
 SGD, not Adam: Adam's update hardly changes when the gradient doubles, so only SGD exposes a
-loss reduced per replica instead of over the global batch. The fused Adam (trainer/optimizers.py)
-runs too: its kernel must update every replica's copy of each variable, not only the first.
+loss reduced per replica instead of over the global batch. The fused Adam
+(trainer/modeling/optimizers.py) runs too: its kernel must update every replica's copy of each
+variable, not only the first.
 """
 
 import json
@@ -15,12 +16,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import distribution, idx, models
-from trainer.classifier import Classifier
-from trainer.distiller import Distiller
-from trainer.loop import LoopConfig, TrainingLoop
-from trainer.optimizers import FusedAdam
-from trainer.pipeline import ArrayPipeline
+from trainer.data import idx
+from trainer.data.pipeline import ArrayPipeline
+from trainer.modeling import models
+from trainer.modeling.classifier import Classifier
+from trainer.modeling.distiller import Distiller
+from trainer.modeling.optimizers import FusedAdam
+from trainer.training import distribution
+from trainer.training.loop import LoopConfig, TrainingLoop
 
 BATCH = 64
 KINDS = ("teacher", "distiller_cached", "distiller_online", "teacher_fused_adam")

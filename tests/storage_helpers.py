@@ -4,14 +4,15 @@ They look where the run's files end up: the bucket for a gs:// run, else the loc
 
 import os
 
-from trainer import storage
+from trainer.rundir import locations, storage
+from trainer.rundir.gcs import bucket_handle
 
 
 def _where(run: storage.RunStorage, relpath: str):
   """(bucket, object name) of relpath for a gs:// run, None for a local one."""
   if run.remote is None:
     return None
-  bucket, prefix = storage.parse_location(run.remote, "remote")
+  bucket, prefix = locations.parse_location(run.remote, "remote")
   return bucket, "/".join(p for p in (prefix, relpath.strip("/")) if p)
 
 
@@ -31,6 +32,6 @@ def read_remote(run: storage.RunStorage, relpath: str) -> bytes:
   from google.api_core import exceptions
   bucket, name = where
   try:
-    return storage.bucket_handle(bucket).blob(name, chunk_size=None).download_as_bytes()
+    return bucket_handle(bucket).blob(name, chunk_size=None).download_as_bytes()
   except exceptions.NotFound:
     raise FileNotFoundError(f"gs://{bucket}/{name} does not exist") from None

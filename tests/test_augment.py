@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import augment, idx
-from trainer.pipeline import normalize_images
+from trainer.data import augment, idx
+from trainer.data.pipeline import normalize_images
 
 from helpers import MNIST_DIR
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import batch_slices, idx, models
-from trainer.batch_slices import Plan
-from trainer.classifier import Classifier
-from trainer.distiller import Distiller
-from trainer.pipeline import normalize_images
+from trainer.data import idx
+from trainer.data.pipeline import normalize_images
+from trainer.modeling import batch_slices, models
+from trainer.modeling.batch_slices import Plan
+from trainer.modeling.classifier import Classifier
+from trainer.modeling.distiller import Distiller
 
 from helpers import MNIST_DIR
 

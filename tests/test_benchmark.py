@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import idx, losses, models
-from trainer.distiller import Distiller
-from trainer.pipeline import normalize_images
+from trainer.data import idx
+from trainer.data.pipeline import normalize_images
+from trainer.modeling import losses, models
+from trainer.modeling.distiller import Distiller
 
 from helpers import MNIST_DIR, REPO, cli_env
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import idx
+from trainer.data import idx
 
 from gcs_emulator import free_port
 from helpers import MNIST_DIR, error_lines, read, run_cli, start_cli

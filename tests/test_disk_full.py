@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from trainer import disk_full, layout
 from trainer.errors import EXIT_STORAGE
+from trainer.rundir import disk_full, layout
 
 from helpers import MNIST_DIR, error_lines, run_cli
 

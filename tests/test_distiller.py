@@ -1,13 +1,13 @@
-"""The Distiller computes trainer/losses.py's objective, with a frozen teacher or cached logits,
-and its pluggable losses and metrics are the ones it trains and reports with."""
+"""The Distiller computes trainer/modeling/losses.py's objective, with a frozen teacher or cached
+logits, and its pluggable losses and metrics are the ones it trains and reports with."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import losses
-from trainer.distiller import Distiller
+from trainer.modeling import losses
+from trainer.modeling.distiller import Distiller
 
 RNG = np.random.default_rng(7)
 T = 4.0

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from trainer import distribution
 from trainer.errors import UsageError
+from trainer.training import distribution
 
 from helpers import MNIST_DIR, REPO, cli_env
 

@@ -1,9 +1,9 @@
-"""trainer/figures.py: the pictures show what they are given (no timing asserted)."""
+"""trainer/evaluation/figures.py: the pictures show what they are given (no timing asserted)."""
 
 import numpy as np
 import tensorflow as tf
 
-from trainer import figures
+from trainer.evaluation import figures
 
 
 def _dark_pixels(png):

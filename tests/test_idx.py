@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from trainer import idx
+from trainer.data import idx
 from trainer.errors import UsageError
 
 from helpers import MNIST_DIR

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import batch_slices, idx
+from trainer.data import idx
+from trainer.modeling import batch_slices
 
 from helpers import MNIST_DIR, REPO, SMOKE_ARGS, cli_env, tree_digest
 from inprocess import run_job
@@ -130,7 +131,8 @@ def test_tensorflow_lines_are_quiet_by_default_and_one_flag_away(smoke_run, tmp_
     # Nothing but the job's own lines, from its own modules.
     assert [line for line in lines if not LOG_LINE.match(line)] == []
     modules = {LOG_LINE.match(line).group(1) for line in lines}
-    assert all(os.path.isfile(os.path.join(REPO, "trainer", f"{m}.py")) for m in modules), modules
+    assert all(glob.glob(os.path.join(REPO, "trainer", "**", f"{m}.py"), recursive=True)
+               for m in modules), modules
   assert sum(" distilled epoch " in line for line in lines) == 2
   loud = _retrain_distilled(smoke_run, tmp_path / "loud", "--verbose_tf")
   for text in ("Sharding callback duration", "Writing fingerprint", "oneDNN custom operations",

@@ -1,4 +1,4 @@
-"""trainer.lease: one writer per model, locally (flock) and on a real GCS emulator."""
+"""trainer.rundir.lease: one writer per model, locally (flock) and on a real GCS emulator."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from trainer import lease, storage
+from trainer.rundir import lease, storage
+from trainer.rundir.gcs import RETRY_ENV
 
 from gcs_emulator import GcsEmulator
 from helpers import REPO, cli_env
@@ -18,7 +19,7 @@ from helpers import REPO, cli_env
 # A process that takes the teacher's lease and holds it for HOLD seconds (or until killed).
 CHILD = """
 import sys, time
-from trainer import lease, storage
+from trainer.rundir import lease, storage
 model_dir, staging, wait, ttl, hold = sys.argv[1:6]
 run = storage.open_storage(model_dir, staging_root=staging)
 try:
@@ -36,7 +37,7 @@ print("released", flush=True)
 
 @pytest.fixture(autouse=True)
 def short_retries(monkeypatch):
-  monkeypatch.setenv(storage.RETRY_ENV, "5")
+  monkeypatch.setenv(RETRY_ENV, "5")
 
 
 def start_child(model_dir, staging, wait=0.0, ttl=30.0, hold=60.0):

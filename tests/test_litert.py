@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import export, idx, litert_export, models
+from trainer.data import idx
+from trainer.modeling import models
+from trainer.serving import export, litert_export
 
 from helpers import MNIST_DIR
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import losses
+from trainer.modeling import losses
 
 RNG = np.random.default_rng(7)
 T = 4.0

@@ -1,13 +1,14 @@
-"""Mixup for function matching (trainer/mixup.py): pairs of one global batch, seeded by
+"""Mixup for function matching (trainer/data/mixup.py): pairs of one global batch, seeded by
 (seed, epoch, step), training batches only, the same view for an online teacher and the student."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import idx, mixup, provenance
+from trainer.data import idx, mixup
+from trainer.data.pipeline import ArrayPipeline
 from trainer.errors import UsageError
-from trainer.pipeline import ArrayPipeline
+from trainer.job import provenance
 
 from helpers import MNIST_DIR
 from inprocess import parse
@@ -83,7 +84,7 @@ def test_resumed_and_regathered_runs_mix_exactly_as_an_uninterrupted_one(arrays,
     np.testing.assert_array_equal(
         _images(pipeline.train_fn(seed=3, epoch=epoch, start_step=start_step, end_epoch=2)),
         mixed[first:])
-  from trainer import pipeline as pipeline_module
+  from trainer.data import pipeline as pipeline_module
   monkeypatch.setattr(pipeline_module, "GATHER_BATCHES", 3)
   regathered = ArrayPipeline(*arrays, BATCH, 1, augment="affine", mixup=1.0)
   np.testing.assert_array_equal(_images(regathered.train_fn(seed=3, epoch=0, end_epoch=2)),
@@ -117,8 +118,8 @@ def test_the_online_teacher_sees_the_students_mixed_batch(arrays):
   batch's mixed images, and differ from those on the unmixed ones."""
   import keras
 
-  from trainer import models
-  from trainer.distiller import Distiller
+  from trainer.modeling import models
+  from trainer.modeling.distiller import Distiller
   teacher, student = models.build_teacher(seed=0), models.build_student(seed=0)
   seen = tf.Variable(tf.zeros([BATCH, 10]))
 

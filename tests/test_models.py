@@ -1,6 +1,6 @@
 """The architectures are the notebook's, to the parameter."""
 
-from trainer import models
+from trainer.modeling import models
 
 
 def test_teacher_matches_notebook():

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.classifier import Classifier
-from trainer.loop import LoopConfig, NonFiniteLoss, TrainingLoop
-from trainer.pipeline import ArrayPipeline
+from trainer.data.pipeline import ArrayPipeline
+from trainer.modeling.classifier import Classifier
+from trainer.training.loop import LoopConfig, NonFiniteLoss, TrainingLoop
 
 EXAMPLES, BATCH = 256, 32  # 8 steps per epoch: one step chunk each
 

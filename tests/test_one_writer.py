@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import layout
 from trainer.errors import NonFiniteLoss
+from trainer.rundir import layout
 
 from helpers import MNIST_DIR, error_lines, run_cli, start_cli
 from inprocess import run_job

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import models
-from trainer.metrics import ExampleMeans, correct_predictions
-from trainer.optimizers import FusedAdam, cosine_adam
+from trainer.modeling import models
+from trainer.modeling.metrics import ExampleMeans, correct_predictions
+from trainer.modeling.optimizers import FusedAdam, cosine_adam
 
 
 def _train(optimizer, steps=5):

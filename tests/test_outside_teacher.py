@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import evaluation, idx, losses, teacher_cache
-from trainer.distiller import Distiller
+from trainer.data import idx
+from trainer.data.pipeline import normalize_images
 from trainer.errors import UsageError
-from trainer.outside_teacher import load_teacher
-from trainer.pipeline import normalize_images
+from trainer.evaluation import evaluation
+from trainer.job import teacher_cache
+from trainer.modeling import losses
+from trainer.modeling.distiller import Distiller
+from trainer.modeling.outside_teacher import load_teacher
 
 from helpers import MNIST_DIR
 

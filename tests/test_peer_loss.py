@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 from test_multi_worker import TINY_TEACHER, kill_one_when, read_checkpoint_step, start_workers
 
-from trainer import distribution, watchdog
 from trainer.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, PeerLost, UsageError
+from trainer.training import distribution, watchdog
 
 from helpers import REPO, cli_env, error_lines, signal_and_wait
 
@@ -122,7 +122,7 @@ def test_grace_deadline_exits_143_before_the_kill_and_names_what_the_bucket_lack
 
 _STUCK_UPLOAD = """
 import signal, time
-from trainer import watchdog
+from trainer.training import watchdog
 deadline = watchdog.GraceDeadline(3, pending=lambda: ["teacher/checkpoints/ckpt-140"])
 # The job's handler stands in for a main thread stuck in TensorFlow: it never returns.
 signal.signal(signal.SIGTERM, lambda *_: time.sleep(60))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import idx
+from trainer.data import idx
+from trainer.data.pipeline import ArrayPipeline, epoch_order
 from trainer.errors import UsageError
-from trainer.pipeline import ArrayPipeline, epoch_order
 
 from helpers import MNIST_DIR
 
@@ -120,7 +120,7 @@ def test_augmented_training_is_deterministic_and_resumes_bit_identically(arrays,
 
 def test_augmented_views_do_not_depend_on_the_gathering_granularity(arrays, augmented,
                                                                      monkeypatch):
-  from trainer import pipeline as pipeline_module
+  from trainer.data import pipeline as pipeline_module
   monkeypatch.setattr(pipeline_module, "GATHER_BATCHES", 3)
   pipeline = ArrayPipeline(*arrays[:2], BATCH, 1, augment="affine")
   np.testing.assert_array_equal(
@@ -171,8 +171,8 @@ def test_online_teacher_and_student_see_the_same_augmented_view(arrays):
   the student are those of the batch's augmented images, not of the originals."""
   import keras
 
-  from trainer import models
-  from trainer.distiller import Distiller
+  from trainer.modeling import models
+  from trainer.modeling.distiller import Distiller
   keras.utils.set_random_seed(0)
   teacher, student = models.build_teacher(), models.build_student()
   seen = {"teacher": tf.Variable(tf.zeros([BATCH, 10])),

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import idx, losses, models
-from trainer.classifier import Classifier
-from trainer.distiller import Distiller
-from trainer.loop import LoopConfig, TrainingLoop
-from trainer.pipeline import ArrayPipeline, normalize_images
-from trainer.runtime import resolve_precision
+from trainer.data import idx
+from trainer.data.pipeline import ArrayPipeline, normalize_images
+from trainer.job.runtime import resolve_precision
+from trainer.modeling import losses, models
+from trainer.modeling.classifier import Classifier
+from trainer.modeling.distiller import Distiller
+from trainer.training.loop import LoopConfig, TrainingLoop
 
 from helpers import MNIST_DIR, run_cli
 

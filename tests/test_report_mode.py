@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from trainer import layout
 from trainer.errors import UsageError
+from trainer.rundir import layout
 
 from helpers import MNIST_DIR
 from inprocess import run_job

@@ -1,12 +1,13 @@
-"""A rerun reuses a model only if it was made under the same settings (trainer/rerun.py)."""
+"""A rerun reuses a model only if it was made under the same settings (trainer/job/rerun.py)."""
 
 import json
 import os
 
 import pytest
 
-from trainer import layout, provenance
 from trainer.errors import UsageError
+from trainer.job import provenance
+from trainer.rundir import layout
 
 from helpers import MNIST_DIR, tree_digest
 from inprocess import run_job

@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import (
-  comparison,
-  data,
-  export,
-  hparams_logging,
-  layout,
-  litert_export,
-  models,
-  results,
-  selection,
-)
+from trainer.data import data
+from trainer.evaluation import comparison, hparams_logging, results, selection
+from trainer.modeling import models
+from trainer.rundir import layout
+from trainer.serving import export, litert_export
 
 from helpers import MNIST_DIR
 from tb_events import events

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer import selection
+from trainer.evaluation import selection
 
 N = 200  # validation examples in the made-up runs below
 

@@ -1,4 +1,4 @@
-"""trainer.storage against a real GCS emulator (tests/gcs_emulator.py), started per test."""
+"""trainer.rundir.storage against a real GCS emulator (tests/gcs_emulator.py), started per test."""
 
 import hashlib
 import logging
@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from trainer import storage
 from trainer.errors import StorageError, UsageError
+from trainer.rundir import downloads, locations, storage
+from trainer.rundir.gcs import RETRY_ENV
 
 from gcs_emulator import free_port
 from storage_helpers import exists_remote, read_remote
@@ -19,7 +20,7 @@ from storage_helpers import exists_remote, read_remote
 @pytest.fixture(autouse=True)
 def short_retries(monkeypatch):
   # Any unexpected outage fails within seconds instead of the 120 s default.
-  monkeypatch.setenv(storage.RETRY_ENV, "5")
+  monkeypatch.setenv(RETRY_ENV, "5")
 
 
 def write(root, rel, data=b""):
@@ -50,10 +51,10 @@ def open_run(gcs, tmp_path, name="stage"):
 
 
 def test_is_remote():
-  assert storage.is_remote("gs://bucket/prefix")
-  assert not storage.is_remote("/tmp/gs://x")
-  assert not storage.is_remote("runs/default")
-  assert not storage.is_remote(pathlib.Path("gs://bucket"))  # a Path cannot hold a URL
+  assert locations.is_remote("gs://bucket/prefix")
+  assert not locations.is_remote("/tmp/gs://x")
+  assert not locations.is_remote("runs/default")
+  assert not locations.is_remote(pathlib.Path("gs://bucket"))  # a Path cannot hold a URL
 
 
 def test_local_model_dir_needs_no_bucket(tmp_path, monkeypatch):
@@ -74,7 +75,7 @@ def test_local_model_dir_needs_no_bucket(tmp_path, monkeypatch):
   assert s.list_remote("") == ["teacher/result.json"]
   assert read_remote(s, "teacher/result.json") == b"{}"
   s.close()
-  assert storage.fetch_to_local(model_dir) == model_dir
+  assert downloads.fetch_to_local(model_dir) == model_dir
 
 
 def test_round_trip_to_a_fresh_disk(gcs_emulator, tmp_path):
@@ -211,8 +212,8 @@ def test_check_rejects_credentials_that_cannot_write(gcs_emulator, tmp_path, mon
 def test_check_fails_fast_when_the_endpoint_is_unreachable(tmp_path, monkeypatch):
   port = free_port()
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-  monkeypatch.setenv(storage.RETRY_ENV, "1000")  # check() must not use the long mid-run budget
-  monkeypatch.setattr(storage, "CHECK_SECONDS", 1.5)
+  monkeypatch.setenv(RETRY_ENV, "1000")  # check() must not use the long mid-run budget
+  monkeypatch.setattr("trainer.rundir.gcs.CHECK_SECONDS", 1.5)
   s = storage.open_storage("gs://test-bucket/run", staging_root=str(tmp_path))
   started = time.monotonic()
   with pytest.raises(UsageError, match=f"unreachable.*127.0.0.1:{port}") as e:
@@ -222,13 +223,13 @@ def test_check_fails_fast_when_the_endpoint_is_unreachable(tmp_path, monkeypatch
 
 
 def test_bad_retry_setting_is_a_usage_error(monkeypatch, tmp_path):
-  monkeypatch.setenv(storage.RETRY_ENV, "soon")
-  with pytest.raises(UsageError, match=storage.RETRY_ENV):
+  monkeypatch.setenv(RETRY_ENV, "soon")
+  with pytest.raises(UsageError, match=RETRY_ENV):
     storage.open_storage("gs://test-bucket/run", staging_root=str(tmp_path))
 
 
 def test_queued_sync_survives_an_outage(gcs_emulator, tmp_path, monkeypatch, caplog):
-  monkeypatch.setenv(storage.RETRY_ENV, "30")
+  monkeypatch.setenv(RETRY_ENV, "30")
   s = open_run(gcs_emulator, tmp_path)
   write(s.local_dir, "teacher/early", b"before the outage")
   s.sync("teacher")
@@ -244,12 +245,12 @@ def test_queued_sync_survives_an_outage(gcs_emulator, tmp_path, monkeypatch, cap
   assert sorted(gens(gcs_emulator)) == ["teacher/ckpt-1.data", "teacher/early",
                                         "teacher/result.json"]
   assert gcs_emulator.read("run/teacher/result.json") == b'{"done": true}'
-  assert any("retry" in r.getMessage() for r in caplog.records if r.name == "trainer.storage")
+  assert any("retry" in r.getMessage() for r in caplog.records if r.name == "trainer.rundir.gcs")
   s.close()
 
 
 def test_flush_raises_when_the_bucket_stays_down(gcs_emulator, tmp_path, monkeypatch):
-  monkeypatch.setenv(storage.RETRY_ENV, "2")
+  monkeypatch.setenv(RETRY_ENV, "2")
   s = open_run(gcs_emulator, tmp_path)
   write(s.local_dir, "data/x", b"x")
   write(s.local_dir, "final/result.json", b"{}")
@@ -274,7 +275,7 @@ def test_flush_raises_when_the_bucket_stays_down(gcs_emulator, tmp_path, monkeyp
 
 
 def test_nothing_queued_after_a_failure_is_uploaded(gcs_emulator, tmp_path, monkeypatch):
-  monkeypatch.setenv(storage.RETRY_ENV, "30")
+  monkeypatch.setenv(RETRY_ENV, "30")
   s = open_run(gcs_emulator, tmp_path)
   write(s.local_dir, "data/x", b"x")
   write(s.local_dir, "final/result.json", b"{}")
@@ -294,8 +295,8 @@ def test_nothing_queued_after_a_failure_is_uploaded(gcs_emulator, tmp_path, monk
 
 def test_a_superseded_snapshot_does_not_publish_its_checkpoint_state(
     gcs_emulator, tmp_path, monkeypatch, caplog):
-  monkeypatch.setenv(storage.RETRY_ENV, "30")
-  caplog.set_level(logging.INFO, logger="trainer.storage")
+  monkeypatch.setenv(RETRY_ENV, "30")
+  caplog.set_level(logging.INFO, logger="trainer.rundir.storage")
   s = open_run(gcs_emulator, tmp_path)
   gcs_emulator.stop()  # the worker falls behind the trainer
   write(s.local_dir, "ckpt/ckpt-1.data", b"one")
@@ -344,7 +345,7 @@ def test_fetch_to_local_mirrors_a_gs_folder(gcs_emulator, tmp_path):
                      ("inputs/mnist/empty", b""), ("inputs/mnist-other/x", b"not mine")):
     bucket.blob(name).upload_from_string(data)
   cache = str(tmp_path / "cache")
-  dest = storage.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=cache)
+  dest = downloads.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=cache)
   assert dest == os.path.join(cache, "test-bucket", "inputs", "mnist")
   assert tree(dest) == {"train-images.gz": images, "sub/labels": b"l", "empty": b""}
   # Again: unchanged files are kept (same inode), stale ones dropped, changed ones refreshed.
@@ -352,13 +353,13 @@ def test_fetch_to_local_mirrors_a_gs_folder(gcs_emulator, tmp_path):
   write(dest, "stale", b"old")
   time.sleep(0.01)
   bucket.blob("inputs/mnist/sub/labels").upload_from_string(b"L2")
-  assert storage.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=cache) == dest
+  assert downloads.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=cache) == dest
   assert tree(dest) == {"train-images.gz": images, "sub/labels": b"L2", "empty": b""}
   assert os.stat(os.path.join(dest, "train-images.gz")).st_ino == inode
   with pytest.raises(UsageError, match="no objects"):
-    storage.fetch_to_local(gcs_emulator.url("inputs/nothing"), dest_root=cache)
+    downloads.fetch_to_local(gcs_emulator.url("inputs/nothing"), dest_root=cache)
   with pytest.raises(UsageError, match="does not exist"):
-    storage.fetch_to_local("gs://no-such-bucket/inputs", dest_root=cache)
+    downloads.fetch_to_local("gs://no-such-bucket/inputs", dest_root=cache)
 
 
 def test_a_forgotten_upload_session_is_retried(gcs_emulator, tmp_path):
@@ -385,7 +386,7 @@ def test_a_forgotten_upload_session_is_retried(gcs_emulator, tmp_path):
 
 
 def test_a_deleted_bucket_fails_at_once_not_after_retries(gcs_emulator, tmp_path, monkeypatch):
-  monkeypatch.setenv(storage.RETRY_ENV, "30")
+  monkeypatch.setenv(RETRY_ENV, "30")
   s = open_run(gcs_emulator, tmp_path)
   write(s.local_dir, "x", b"x")
   gcs_emulator.storage.delete_bucket(gcs_emulator.bucket)
@@ -407,21 +408,21 @@ def test_a_deleted_bucket_fails_at_once_not_after_retries(gcs_emulator, tmp_path
     ("gs://" + ".".join(["a" * 63] * 3), (".".join(["a" * 63] * 3), "")),  # 191 chars, dotted
 ])
 def test_parse_location_accepts_cloud_storage_urls(value, expected):
-  assert storage.parse_location(value, "--model_dir") == expected
-  assert storage.is_remote(value)
-  assert storage.location_url(*expected) == value.rstrip("/")
+  assert locations.parse_location(value, "--model_dir") == expected
+  assert locations.is_remote(value)
+  assert locations.location_url(*expected) == value.rstrip("/")
 
 
 @pytest.mark.parametrize("value", [
     "runs/default", "/tmp/gs://x", "./gs:", "gs", "gs-runs/x", "run:v1", "my:folder/x", "",
 ])
 def test_parse_location_leaves_local_paths_alone(value):
-  assert storage.parse_location(value, "--model_dir") is None
-  assert not storage.is_remote(value)
+  assert locations.parse_location(value, "--model_dir") is None
+  assert not locations.is_remote(value)
 
 
 def test_a_path_object_is_always_local():
-  assert storage.parse_location(pathlib.Path("gs://bucket"), "--model_dir") is None
+  assert locations.parse_location(pathlib.Path("gs://bucket"), "--model_dir") is None
 
 
 @pytest.mark.parametrize("value, why", [
@@ -464,9 +465,9 @@ def test_a_path_object_is_always_local():
     ("gs://bucket/" + "x" * 1100, "1024 bytes"),
 ])
 def test_every_malformed_url_is_a_usage_error_naming_the_flag(value, why, tmp_path):
-  for call in (lambda: storage.parse_location(value, "--teacher_dir"),
-               lambda: storage.is_remote(value, "--teacher_dir"),
-               lambda: storage.fetch_to_local(value, str(tmp_path), flag_name="--teacher_dir"),
+  for call in (lambda: locations.parse_location(value, "--teacher_dir"),
+               lambda: locations.is_remote(value, "--teacher_dir"),
+               lambda: downloads.fetch_to_local(value, str(tmp_path), flag_name="--teacher_dir"),
                lambda: storage.open_storage(value, str(tmp_path), flag_name="--teacher_dir")):
     with pytest.raises(UsageError) as e:
       call()
@@ -502,7 +503,7 @@ def test_fetch_refuses_object_names_that_leave_the_destination(case, gcs_emulato
   _plant(gcs_emulator, "inputs/evil", ESCAPES[case].format(marker=marker))
   cache = tmp_path / "work" / "cache"
   with pytest.raises(UsageError, match="refusing to download.*nothing was downloaded") as e:
-    storage.fetch_to_local(gcs_emulator.url("inputs/evil"), dest_root=str(cache),
+    downloads.fetch_to_local(gcs_emulator.url("inputs/evil"), dest_root=str(cache),
                            flag_name="--idx_dir")
   assert "\n" not in str(e.value)
   assert not os.path.exists(f"/tmp/{marker}")
@@ -531,7 +532,7 @@ def test_a_symlink_in_the_destination_cannot_lead_downloads_out(gcs_emulator, tm
   dest.mkdir(parents=True)
   os.symlink(outside, dest / "sub")
   with pytest.raises(UsageError, match="symbolic link"):
-    storage.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=str(tmp_path / "cache"))
+    downloads.fetch_to_local(gcs_emulator.url("inputs/mnist"), dest_root=str(tmp_path / "cache"))
   assert os.listdir(outside) == []
 
 
@@ -551,7 +552,7 @@ def test_temporary_files_and_leases_are_never_mirrored(gcs_emulator, tmp_path):
   fresh = open_run(gcs_emulator, tmp_path, "fresh")
   assert fresh.pull("") == ["teacher/model.keras"]
   assert tree(fresh.local_dir) == {"teacher/model.keras": b"x"}
-  assert storage.is_unmirrored("a/.tmp-1-b/c") and storage.is_unmirrored("x.tmp-3")
-  assert not storage.is_unmirrored("teacher/tmp-notes.txt")
+  assert locations.is_unmirrored("a/.tmp-1-b/c") and locations.is_unmirrored("x.tmp-3")
+  assert not locations.is_unmirrored("teacher/tmp-notes.txt")
   s.close()
   fresh.close()

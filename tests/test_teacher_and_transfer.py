@@ -9,9 +9,10 @@ import keras
 import numpy as np
 import pytest
 
-from trainer import idx, layout
+from trainer.data import idx
+from trainer.data.pipeline import normalize_images
 from trainer.errors import UsageError
-from trainer.pipeline import normalize_images
+from trainer.rundir import layout
 
 from helpers import MNIST_DIR, tree_digest
 from inprocess import run_job

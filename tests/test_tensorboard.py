@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from trainer.hparams_logging import DEPLOYMENT_METRICS
+from trainer.evaluation.hparams_logging import DEPLOYMENT_METRICS
 
 from headless_chromium import Chromium, find_chromium
 from helpers import MNIST_DIR, REPO, run_cli
@@ -381,8 +381,9 @@ def test_script_serves_a_local_run(smoke_run, tmp_path):
 
 
 def test_script_syncs_a_bucket_run(smoke_run, gcs_emulator, tmp_path):
-  """gs:// with STORAGE_EMULATOR_HOST: the logs are fetched with trainer.storage and served."""
-  from trainer import storage
+  """gs:// with STORAGE_EMULATOR_HOST: the logs are fetched with trainer.rundir.storage and
+  served."""
+  from trainer.rundir import storage
   uploader = storage.RunStorage(smoke_run["model_dir"], remote=gcs_emulator.url("runs/smoke"))
   uploader.sync("logs")
   uploader.close()

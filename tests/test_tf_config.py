@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from trainer import tf_config
 from trainer.errors import UsageError
+from trainer.training import tf_config
 
 from helpers import MNIST_DIR, error_lines, run_cli, tree_digest
 

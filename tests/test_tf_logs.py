@@ -10,7 +10,8 @@ from helpers import REPO, cli_env
 
 SCRIPT = textwrap.dedent("""
     import sys, threading, time
-    from trainer import tf_logs, watchdog
+    from trainer import tf_logs
+    from trainer.training import watchdog
     tf_logs.quiet()
     with tf_logs.hidden_noise():
       for line in (

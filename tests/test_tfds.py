@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from trainer import data, idx
+from trainer.data import data, idx
 
 from helpers import FASHION_MNIST_DIR, MNIST_DIR
 from inprocess import run_job

@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from trainer import idx, transfer_set
+from trainer.data import idx, transfer_set
+from trainer.data.transfer_set import load_transfer_set
 from trainer.errors import UsageError
-from trainer.transfer_set import load_transfer_set
 
 from helpers import MNIST_DIR
 

@@ -4,7 +4,7 @@ Every failure ends as one line on stderr and a documented exit code (trainer/err
 0 done, 1 unexpected failure, 2 bad input (before any training), 3 the output location failed
 (bucket unreachable, disk full), 4 a multi-worker peer was lost, 5 a model's lease is held
 elsewhere, 143 stopped by SIGTERM after a checkpoint. A finished run ends with a short summary
-on stdout (trainer/run_summary.py).
+on stdout (trainer/evaluation/run_summary.py).
 """
 
 import logging as std_logging
@@ -35,7 +35,7 @@ def _exit_multi_worker(code: int) -> None:
   """A multi-worker process leaves without interpreter teardown: TensorFlow's collective
   runtime sometimes aborts while being destroyed after a finished run (exit 134 in a pod,
   counted as a failure). Everything the job writes was uploaded and closed by then."""
-  from trainer import distribution  # pylint: disable=import-outside-toplevel
+  from trainer.training import distribution  # pylint: disable=import-outside-toplevel
   if distribution.tf_config_workers() > 1:
     std_logging.shutdown()
     sys.stdout.flush()
@@ -47,7 +47,7 @@ def _peer_lost(e: Exception):
   """PeerLost for a TensorFlow error that a lost multi-worker peer caused, else None."""
   if "tensorflow" not in sys.modules:
     return None
-  from trainer import distribution  # pylint: disable=import-outside-toplevel
+  from trainer.training import distribution  # pylint: disable=import-outside-toplevel
   return distribution.peer_lost(e)
 
 
@@ -80,7 +80,7 @@ def _start_tensorflow():
 def _print_summary(summary, settings) -> None:
   if summary is None:  # a multi-worker run's other workers: the chief reports
     return
-  from trainer import run_summary  # pylint: disable=import-outside-toplevel
+  from trainer.evaluation import run_summary  # pylint: disable=import-outside-toplevel
   for handler in std_logging.getLogger().handlers:  # the log's last lines come first
     handler.flush()
   print("\n".join(run_summary.lines(summary, settings.model_dir)), flush=True)

@@ -11,7 +11,7 @@ EXIT_STORAGE = 3  # the output location failed mid-run (bucket unreachable after
 #                  the disk under the run's folder full): what was written stays usable, and
 #                  a rerun resumes once the location works again
 EXIT_PEER_LOST = 4  # multi-worker: a peer worker is gone or stuck; restart the whole group
-EXIT_BUSY = 5  # another process holds the model's lease (trainer/lease.py): retry later
+EXIT_BUSY = 5  # another process holds the model's lease (trainer/rundir/lease.py): retry later
 EXIT_PREEMPTED = 143  # SIGTERM received; a checkpoint was written; retry resumes
 
 
@@ -32,7 +32,7 @@ class OutputFull(Exception):
   exits with EXIT_STORAGE, like an unreachable bucket, because it is the same failure for an
   operator (the output location, not the input; the last checkpoint is kept and the rerun
   resumes once there is room) and the same Kubernetes policy (retry). See
-  trainer/disk_full.py."""
+  trainer/rundir/disk_full.py."""
 
   exit_code = EXIT_STORAGE
 

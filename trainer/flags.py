@@ -12,8 +12,10 @@ from typing import List, Optional, Sequence
 
 from absl import flags
 
-from trainer import tf_config
+from trainer.data.options import AUGMENTATIONS, MAX_MIXUP, MIN_MIXUP
 from trainer.errors import UsageError
+from trainer.rundir import locations
+from trainer.training import tf_config
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_STUDENTS = (
@@ -26,16 +28,14 @@ MAX_SEED = 2**31 - 1  # TensorFlow's and NumPy's seeds both accept this range
 MAX_COUNT = 10**9  # epochs, batch sizes, example counts: anything larger is a typo
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-# trainer/augment.py implements them (KINDS); tests keep the two lists equal.
-AUGMENTATIONS = ("none", "shift", "affine", "elastic", "shift_flip")
-MIN_MIXUP, MAX_MIXUP = 0.1, 100.0  # trainer/mixup.py's concentration range (no TF here)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentSpec:
   """One student experiment: alpha weighs the distillation term, temperature softens logits,
-  mixup (a Beta concentration, 0: off) mixes its training images in pairs (trainer/mixup.py)."""
+  mixup (a Beta concentration, 0: off) mixes its training images in pairs
+  (trainer/data/mixup.py)."""
 
   name: str
   alpha: float
@@ -255,12 +255,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "validation_examples", lambda n: n is not None and n > 0,
       message="--validation_examples must be > 0: validation drives model selection",
       flag_values=fv)
-  flags.register_multi_flags_validator(
-      ["augment", "teacher_logits", "mode"],
-      lambda f: f["augment"] == "none" or f["teacher_logits"] == "online"
-      or f["mode"] not in ("all", "students"),
-      message="--augment needs --teacher_logits=online: cached teacher logits belong to the "
-      "unaugmented images", flag_values=fv)
   for name in ("learning_rate", "student_learning_rate"):
     flags.register_validator(name, lambda v: v is not None and math.isfinite(v) and v > 0,
                              message=f"--{name} must be finite and > 0", flag_values=fv)
@@ -280,49 +274,33 @@ def _check_ranges(fv: flags.FlagValues) -> None:
                                message=f"--{name} must be at most {MAX_COUNT}", flag_values=fv)
 
 
-class Settings:
-  """Validated, read-only view of the job's flags: one attribute per flag defined above (so a
-  new flag needs no second declaration), with defaults resolved, `students` parsed and only the
-  selected ones kept, and `batch_slices`/`profile_steps` normalized."""
-
-  __slots__ = ("_values",)
-
-  def __init__(self, **values):
-    object.__setattr__(self, "_values", dict(values))
-
-  def __getattr__(self, name):
-    try:
-      return object.__getattribute__(self, "_values")[name]
-    except KeyError:
-      raise AttributeError(f"no setting {name!r}") from None
-
-  def __setattr__(self, name, value):
-    raise dataclasses.FrozenInstanceError(f"Settings are read-only (tried to set {name!r})")
-
-  def __eq__(self, other):
-    return isinstance(other, Settings) and self._values == other._values
-
-  def __repr__(self):
-    return f"Settings({', '.join(f'{k}={v!r}' for k, v in sorted(self._values.items()))})"
-
-  def replace(self, **changes) -> "Settings":
-    unknown = set(changes) - set(self._values)
-    if unknown:
-      raise AttributeError(f"no setting(s) {sorted(unknown)}")
-    return Settings(**{**self._values, **changes})
-
-  def flag_dict(self) -> dict:
-    """Plain dict of the settings, for results.json."""
-    d = dict(self._values)
-    d["students"] = [dataclasses.asdict(s) for s in self.students]
-    return d
-
-
 def _job_flag_names() -> tuple:
   """The names define_flags defines, read off a scratch FlagValues."""
   scratch = flags.FlagValues()
   define_flags(scratch)
   return tuple(scratch)
+
+
+class _SettingsMethods:
+
+  def replace(self, **changes) -> "Settings":
+    return dataclasses.replace(self, **changes)
+
+  def flag_dict(self) -> dict:
+    """Plain dict of the settings, for results.json."""
+    d = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+    d["students"] = [dataclasses.asdict(s) for s in self.students]
+    return d
+
+
+# One field per flag defined above, so a new flag needs no second declaration: --student's
+# values become `students` (only the selected ones kept) and --student_index is used up.
+Settings = dataclasses.make_dataclass(
+    "Settings", sorted({*_job_flag_names(), "students"} - {"student", "student_index"}),
+    bases=(_SettingsMethods,), frozen=True,
+    namespace={"__module__": __name__, "__doc__": """Validated, read-only view of the job's
+flags, with defaults resolved, `students` parsed and `batch_slices`/`profile_steps`
+normalized."""})
 
 
 def _selected_students(all_students, index, environ):
@@ -381,15 +359,36 @@ LOCATION_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LO
 
 
 def _check_locations(fv: flags.FlagValues, environ) -> None:
-  """One URL grammar for every place the job reads or writes (trainer/storage.py): a value
+  """One URL grammar for every place the job reads or writes (trainer/rundir/locations.py): a value
   that looks like a URL is a valid gs://BUCKET[/PREFIX] or exit 2, never a local folder."""
-  from trainer import storage  # light: the Cloud Storage client is imported on first use
   for name in LOCATION_FLAGS:
     if fv[name].value:
-      storage.parse_location(fv[name].value, f"--{name}")
+      locations.parse_location(fv[name].value, f"--{name}")
   for name in LOCATION_VARIABLES:
     if environ.get(name, "").strip():
-      storage.parse_location(environ[name].strip(), f"${name}")
+      locations.parse_location(environ[name].strip(), f"${name}")
+
+
+def _check_combinations(fv: flags.FlagValues, students, environ) -> None:
+  """Every rule that ties flags together, in one place (absl checks each flag alone)."""
+  trains_students = fv.mode in ("all", "students")
+  if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
+    raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
+  if fv.transfer_idx_dir and fv.transfer_dataset:
+    raise UsageError("--transfer_idx_dir and --transfer_dataset: give one transfer set, not both")
+  if fv.teacher_model and fv.mode == "teacher":
+    raise UsageError("--mode=teacher with --teacher_model: the teacher is given, nothing to "
+                     "train (use --mode=all or --mode=students)")
+  if fv.augment != "none" and trains_students and fv.teacher_logits != "online":
+    raise UsageError("--augment needs --teacher_logits=online: cached teacher logits belong to "
+                     "the unaugmented images")
+  mixed = [spec.name for spec in students if spec.mixup]
+  if mixed and trains_students and fv.teacher_logits != "online":
+    raise UsageError(f"--student {', '.join(mixed)}: mixup needs --teacher_logits=online "
+                     "(cached teacher logits belong to the unmixed images)")
+  if mixed and fv.batch_size % 2:
+    raise UsageError(f"--student {', '.join(mixed)}: mixup pairs images, so --batch_size must "
+                     f"be even, got {fv.batch_size}")
 
 
 def _default_model_dir(environ) -> str:
@@ -404,23 +403,10 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, environ=None) -> Set
   """Cross-checks the parsed flags and returns Settings; raises UsageError on bad input."""
   environ = os.environ if environ is None else environ
   tf_config.parse(environ)  # a malformed cluster is bad input, found before anything is written
-  if fv.strategy == "multi_worker" and not environ.get("TF_CONFIG"):
-    raise UsageError("--strategy=multi_worker needs TF_CONFIG in the environment")
   _check_locations(fv, environ)
-  if fv.transfer_idx_dir and fv.transfer_dataset:
-    raise UsageError("--transfer_idx_dir and --transfer_dataset: give one transfer set, not both")
-  if fv.teacher_model and fv.mode == "teacher":
-    raise UsageError("--mode=teacher with --teacher_model: the teacher is given, nothing to "
-                     "train (use --mode=all or --mode=students)")
   values = {name: fv[name].value for name in _job_flag_names()}
   students = parse_students(values.pop("student"))
-  mixed = [spec.name for spec in students if spec.mixup]
-  if mixed and fv.mode in ("all", "students") and fv.teacher_logits != "online":
-    raise UsageError(f"--student {', '.join(mixed)}: mixup needs --teacher_logits=online "
-                     "(cached teacher logits belong to the unmixed images)")
-  if mixed and fv.batch_size % 2:
-    raise UsageError(f"--student {', '.join(mixed)}: mixup pairs images, so --batch_size must "
-                     f"be even, got {fv.batch_size}")
+  _check_combinations(fv, students, environ)
   index = values.pop("student_index")
   model_dir = (fv.model_dir or _default_model_dir(environ)).rstrip("/") or "/"
   values.update(
