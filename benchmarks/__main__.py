@@ -14,6 +14,10 @@ Then the short run as a whole process (benchmarks/whole_process.py): `mnist-dist
 --mode=students` distilling one student for 3 epochs at batch 32 from an existing teacher,
 against the notebook's Distiller doing the same, each in a process of its own, in turns.
 
+Where the local Kubernetes cluster is up (scripts/local_cluster.sh) and --cluster_image names
+the CPU image loaded into it: `kubectl apply` to the first epoch line and to `Complete`
+(benchmarks/cluster.py).
+
 Then it runs the default job in a child process (a small subset, or `--job=full`: the real
 default job on full MNIST) for its peak memory and wall time, and compares the full job with
 the notebook's schedule: extrapolated from the measured baseline unless `--notebook=full` runs
@@ -29,6 +33,7 @@ import time
 
 import tensorflow as tf
 
+from benchmarks import cluster as cluster_bench
 from benchmarks import end_to_end, notebook, partner, precision, report, whole_process
 from benchmarks.throughput import (
   DEFAULT_THREADS,
@@ -89,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--teacher_dir", default=None,
                       help="the short run's teacher (a finished <model_dir>/teacher); default: "
                            "a 1-epoch teacher trained first")
+  parser.add_argument("--cluster_image", default="",
+                      help="the CPU image loaded into the local cluster (local_cluster.sh load): "
+                           "measure apply -> first epoch and -> Complete there, if it is up")
+  parser.add_argument("--cluster_overlays", default="cpu-smoke",
+                      help="of cpu-smoke,base (base: the default job, about ten minutes)")
+  parser.add_argument("--cluster_runs", type=int, default=3, help="cpu-smoke runs (median)")
   parser.add_argument("--batch_slices", default="auto", type=_batch_slices_arg,
                       help="ours: as the job's --batch_slices (auto: one slice per core)")
   parser.add_argument("--as_partner", action="store_true",
@@ -96,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--workdir", default=None)
   parser.add_argument("--json_out", default=None, help="also write every measurement here")
   return parser
+
+
+def _cluster(args, workdir):
+  """The cluster rows' figures, or why there are none."""
+  if not cluster_bench.cluster_up():
+    return {"skipped": "no local cluster is up: bash scripts/local_cluster.sh up"}
+  if not args.cluster_image:
+    return {"skipped": "the cluster is up; pass --cluster_image (an image loaded with "
+                       "local_cluster.sh load)"}
+  overlays = [o for o in args.cluster_overlays.split(",") if o]
+  return cluster_bench.measure(args.cluster_image, args.idx_dir, workdir, overlays,
+                               args.cluster_runs)
 
 
 def main(argv=None):
@@ -113,6 +136,8 @@ def main(argv=None):
   unknown = sorted(set(extra_modes) - set(EXTRA_MODES))
   if unknown:
     parser.error(f"--extra_modes: unknown {unknown}; choose from {sorted(EXTRA_MODES)}")
+  if set(args.cluster_overlays.split(",")) - set(cluster_bench.OVERLAYS) or args.cluster_runs < 1:
+    parser.error(f"--cluster_overlays must be of {cluster_bench.OVERLAYS}, --cluster_runs >= 1")
   # First, before TensorFlow starts: threads for our largest batch size's slices.
   cores = batch_slices.available_cores()
   on_gpu = bool(tf.config.list_physical_devices("GPU"))
@@ -158,16 +183,18 @@ def main(argv=None):
       args.idx_dir, workdir, args.whole_process_runs, args.teacher_dir,
       args.whole_process_subset)
 
+  cluster = _cluster(args, workdir)
+
   run = {"date": started, "cpu_count": os.cpu_count(), "examples": args.examples,
          "runs": args.runs, "warmup": args.warmup, "batch_sizes": batch_sizes,
          "batch_slices": slices, "intra_op_threads": intra_threads, "extra_modes": extra_modes,
          "cpu_flags": report.cpu_flags(), "load_average": os.getloadavg(),
          "precision_rounds": args.precision_rounds, "precision_steps": args.precision_steps}
-  report.print_report(run, measured, job, notebook_run, whole, steps)
+  report.print_report(run, measured, job, notebook_run, whole, steps, cluster)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(report.json_report(run, measured, job, notebook_run, job_defaults().student,
-                                   whole, steps),
+                                   whole, steps, cluster),
                 f, indent=1, default=str)
   return 0
 

@@ -6,6 +6,7 @@ process, and mixed_bfloat16 against float32 on this CPU."""
 import keras
 import tensorflow as tf
 
+from benchmarks import cluster as cluster_bench
 from benchmarks import notebook, precision, whole_process
 from benchmarks.throughput import DEFAULT_THREADS, EXTRA_MODES, PHASES, baseline_name, variant_name
 
@@ -181,9 +182,10 @@ def end_to_end_lines(job, notebook_run, extrapolated) -> list:
   return lines
 
 
-def print_report(run, measured, job, notebook_run, whole=None, steps=None) -> None:
+def print_report(run, measured, job, notebook_run, whole=None, steps=None, cluster=None) -> None:
   """Prints the whole report. `run`: what was run (date, cpu_count, examples, runs, warmup,
-  batch_sizes, batch_slices, intra_op_threads, extra_modes); `measured`: measure_throughput's."""
+  batch_sizes, batch_slices, intra_op_threads, extra_modes); `measured`: measure_throughput's;
+  `cluster`: benchmarks/cluster.py's figures, or {"skipped": why}."""
   phases, batch_sizes = measured["phases"], run["batch_sizes"]
   slices = ", ".join(f"{run['batch_slices'][b]} at {b}" for b in batch_sizes)
   load = run.get("load_average")
@@ -208,12 +210,15 @@ def print_report(run, measured, job, notebook_run, whole=None, steps=None) -> No
     lines += end_to_end_lines(job, notebook_run, extrapolate_notebook(phases))
   if whole is not None:
     lines += whole_process.report_lines(whole)
+  if cluster is not None:
+    lines += ([f"- cluster rows: not measured ({cluster['skipped']})"] if "skipped" in cluster
+              else cluster_bench.report_lines(cluster))
   for line in lines:
     print(line)
 
 
 def json_report(run, measured, job, notebook_run, default_students, whole=None,
-                steps=None) -> dict:
+                steps=None, cluster=None) -> dict:
   """Every measurement, every run of each variant included, for --json_out."""
   phases = measured["phases"]
   return {
@@ -223,7 +228,7 @@ def json_report(run, measured, job, notebook_run, default_students, whole=None,
       "teacher_logits_seconds": measured["teacher_logits_seconds"],
       "default_job": job, "notebook": notebook_run,
       "notebook_extrapolated": extrapolate_notebook(phases),
-      "default_students": list(default_students), "whole_process": whole,
+      "default_students": list(default_students), "whole_process": whole, "cluster": cluster,
       "precision_steps": {str(batch): {f"{role} {policy}": values
                                        for (role, policy), values in found.items()}
                           for batch, found in (steps or {}).items()}}

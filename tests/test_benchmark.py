@@ -72,6 +72,10 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
       assert re.search(rf"^- {role} step at batch {batch}, 2 steps per call, median of 1 in "
                        r"turns: float32 [\d,]+ img/s, mixed_bfloat16 [\d,]+ img/s: \d+\.\d\dx; "
                        r"per CPU second [\d,]+ vs [\d,]+: \d+\.\d\dx$", out, re.M), out
+  # The cluster rows need a cluster and an image (tests/cluster/test_cluster_3_smoke.py runs
+  # them); without --cluster_image the report says why they are missing.
+  assert re.search(r"^- cluster rows: not measured \((no local cluster is up|the cluster is up; "
+                   r"pass --cluster_image)", out, re.M), out
   assert re.search(r"^- whole process, short run \(subset: 256 training, 64 test images\): "
                    r"`mnist-distill --mode=students --teacher_dir=TEACHER "
                    r"--student=s:alpha=0.5,temperature=4 --student_epochs=3 --batch_size=32 ", out,

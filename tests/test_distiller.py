@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from trainer.modeling import losses
 from trainer.modeling.distiller import Distiller
+from trainer.training.loop import graph_step
 
 RNG = np.random.default_rng(7)
 T = 4.0
@@ -177,6 +178,24 @@ def test_custom_distillation_loss_is_trained_on():
   assert np.abs(grad - _default_gradient(y, t, s, 0.6)).max() > 1e-3
   hand = 0.5 * ((s - t) ** 2).sum(axis=-1).mean()
   assert float(logs["distillation_loss"]) == pytest.approx(hand, rel=1e-5)
+
+
+def test_a_custom_loss_may_branch_on_tensors_in_the_loops_graph_step():
+  """The loop traces its steps without AutoGraph (trainer/training/loop.py graph_step); a
+  caller's loss with a Python `if` on a tensor still works there, as under Keras' fit."""
+  def clipped_ce(labels, logits):
+    per_example = losses.sparse_cross_entropy(labels, logits)
+    if tf.reduce_max(per_example) > 100.0:  # a Python `if` on a tensor: needs AutoGraph
+      per_example = tf.minimum(per_example, 100.0)
+    return per_example
+  x, y, t = _batch(16)
+  distiller = Distiller(_student(seed=5))
+  distiller.compile(optimizer=keras.optimizers.SGD(0.1), distillation_weight=0.0,
+                    temperature=T, student_loss_fn=clipped_ce)
+  step = tf.function(graph_step(distiller.train_step))
+  logs = step((tf.constant(x), tf.constant(y), tf.constant(t)))
+  expected = losses.sparse_cross_entropy(y, _student(seed=5)(x)).numpy().mean()
+  assert float(logs["student_loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_extra_metrics_are_updated_with_labels_and_student_logits():

@@ -7,21 +7,14 @@ first, while the JobSet CRD is still missing, then the runs.
 """
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
 
-from gcs_emulator import GcsEmulator
 from helpers import MNIST_DIR
-from local_cluster import BUCKET, EMULATOR_PORT, Cluster, record, script
+from local_cluster import Cluster, make_google_tls, record, script, serve_bucket
 
-IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-# Google's API host names the TensorBoard pod's TensorFlow calls; the cluster's DNS points them at
-# the node, where the emulator serves TLS.
-GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+
 @pytest.fixture(scope="session")
 def cluster():
   """`bash scripts/local_cluster.sh up --no-jobset` (JobSet comes later: the first tests need its
@@ -53,43 +46,16 @@ def jobset(cluster):
 
 @pytest.fixture(scope="session")
 def google_tls(tmp_path_factory):
-  """A test CA and a certificate for GOOGLE_HOSTS signed by it: (ca.crt, cert, key) paths."""
-  d = tmp_path_factory.mktemp("google-tls")
-  ca, cert, key, csr = d / "ca.crt", d / "server.crt", d / "server.key", d / "server.csr"
-
-  def openssl(*args):
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-  openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-          "-subj", "/CN=mnist-distill test CA", "-keyout", str(d / "ca.key"), "-out", str(ca))
-  openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={GOOGLE_HOSTS[0]}",
-          "-keyout", str(key), "-out", str(csr))
-  (d / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{h}" for h in GOOGLE_HOSTS) + "\n")
-  openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(d / "ca.key"),
-          "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext"), "-out", str(cert))
-  return ca, cert, key
+  """A test CA and a certificate for Google's API hosts signed by it: (ca.crt, cert, key)."""
+  return make_google_tls(tmp_path_factory.mktemp("google-tls"))
 
 
 @pytest.fixture(scope="session")
 def bucket(cluster, google_tls):
-  """gs://mnist-distill-e2e on the GCS emulator, on the node address inside the cluster's
-  network namespace (pods reach it at http://NODE:4443, and as https://www.googleapis.com through
-  the cluster's DNS), holding the real MNIST IDX files under mnist/ (the pods have no egress)."""
-  gcs = GcsEmulator(buckets=(BUCKET,), port=EMULATOR_PORT, host=cluster.node_ip,
-                    netns=cluster.netns).start()
-  for name in IDX_FILES:
-    with open(os.path.join(MNIST_DIR, name), "rb") as f:
-      gcs.write(f"mnist/{name}", f.read())
-  _, cert, key = google_tls
-  https = gcs.serve_tls(443, str(cert), str(key))
-  with open(os.path.join(cluster.state, "coredns", "hosts"), "a") as f:
-    f.write(f"{cluster.node_ip} {' '.join(GOOGLE_HOSTS)}\n")
-  try:
+  """gs://mnist-distill-e2e on the GCS emulator inside the cluster's network namespace, holding
+  the real MNIST IDX files under mnist/ (local_cluster.serve_bucket)."""
+  with serve_bucket(cluster, google_tls, MNIST_DIR) as gcs:
     yield gcs
-  finally:
-    https.shutdown()
-    https.server_close()
-    gcs.stop()
 
 
 GKE_GPU_LABELS = {"cloud.google.com/gke-accelerator": "nvidia-l4",

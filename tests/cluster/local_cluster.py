@@ -6,6 +6,7 @@ copy of k8s/ with the overlay's two edits (the images, MODEL_DIR), plus the smal
 of tests/cluster/components that fit the pods to this machine (see their kustomization.yaml).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from gcs_emulator import GcsEmulator
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
 COMPONENTS = Path(__file__).resolve().parent / "components"
@@ -23,6 +26,11 @@ NAMESPACE = "mnist-distill"
 # the node address (the port is fixed: the namespace is the cluster's own).
 BUCKET = "mnist-distill-e2e"
 EMULATOR_PORT = 4443
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# Google's API host names the TensorBoard pod's TensorFlow calls; the cluster's DNS points them at
+# the node, where the emulator serves TLS.
+GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 # Figures the cluster tests measure (bring-up, image load, apply -> first epoch -> Complete), one
 # JSON object per line, for benchmarks and the docs.
 TIMINGS = os.environ.get("MNIST_DISTILL_CLUSTER_TIMINGS")
@@ -167,3 +175,45 @@ def prepare(tmp_path, overlay, image, model_dir, components=("local-cluster",), 
   doc["patches"] = doc.get("patches", []) + list(patches)
   path.write_text(yaml.safe_dump(doc, sort_keys=False))
   return target
+
+
+def make_google_tls(folder: Path):
+  """A test CA and a certificate for GOOGLE_HOSTS signed by it, in `folder`: (ca.crt, cert, key)
+  paths. The CA goes into the local-cluster component (ca.crt), the rest to the emulator."""
+  ca, cert, key, csr = (folder / n for n in ("ca.crt", "server.crt", "server.key", "server.csr"))
+
+  def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+  openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+          "-subj", "/CN=mnist-distill test CA", "-keyout", str(folder / "ca.key"), "-out", str(ca))
+  openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={GOOGLE_HOSTS[0]}",
+          "-keyout", str(key), "-out", str(csr))
+  (folder / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{h}" for h in GOOGLE_HOSTS)
+                              + "\n")
+  openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(folder / "ca.key"),
+          "-CAcreateserial", "-days", "2", "-extfile", str(folder / "ext"), "-out", str(cert))
+  return ca, cert, key
+
+
+@contextlib.contextmanager
+def serve_bucket(cluster, tls, mnist_dir):
+  """gs://BUCKET on the GCS emulator, on the node address inside the cluster's network namespace
+  (pods reach it at http://NODE:4443, and as https://www.googleapis.com through the cluster's
+  DNS), holding the real MNIST IDX files of `mnist_dir` under mnist/ (the pods have no egress).
+  Yields the emulator; stops it on exit."""
+  gcs = GcsEmulator(buckets=(BUCKET,), port=EMULATOR_PORT, host=cluster.node_ip,
+                    netns=cluster.netns).start()
+  for name in IDX_FILES:
+    with open(os.path.join(mnist_dir, name), "rb") as f:
+      gcs.write(f"mnist/{name}", f.read())
+  _, cert, key = tls
+  https = gcs.serve_tls(443, str(cert), str(key))
+  with open(os.path.join(cluster.state, "coredns", "hosts"), "a") as f:
+    f.write(f"{cluster.node_ip} {' '.join(GOOGLE_HOSTS)}\n")
+  try:
+    yield gcs
+  finally:
+    https.shutdown()
+    https.server_close()
+    gcs.stop()

@@ -26,6 +26,9 @@ from trainer.data import mixup as mixing
 from trainer.errors import UsageError
 
 GATHER_BATCHES = 16  # per-replica batches gathered by one training map call
+# The map functions below branch on Python values only: tf.data need not run AutoGraph on them
+# (it would transpile them and the augmentation they call at every run's start).
+_unconverted = tf.autograph.experimental.do_not_convert
 
 
 def normalize_images(images):
@@ -143,11 +146,12 @@ class ArrayPipeline:
 
       if batches_per_gather > 1:
         ds = tf.data.Dataset.range(0, steps * local, batches_per_gather)
-        ds = ds.map(gather_full_batches, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_unconverted(gather_full_batches), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
         ds = ds.unbatch()
       else:
         ds = tf.data.Dataset.range(steps * local)
-        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_unconverted(gather), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       options = tf.data.Options()
       options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
       return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

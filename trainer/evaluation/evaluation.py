@@ -17,7 +17,7 @@ def predict_logits(net, images: np.ndarray, batch_size: int = 1000,
   run as `slices` slices side by side (trainer/modeling/batch_slices.py)."""
   forward = tf.function(
       lambda x: tf.cast(batch_slices.forward(net, normalize_images(x), False, slices), tf.float32),
-      reduce_retracing=True)
+      reduce_retracing=True, autograph=False)  # no tensor-dependent Python: tracing is faster
   chunks = [forward(tf.constant(images[i:i + batch_size]))
             for i in range(0, len(images), batch_size)]
   return np.concatenate([c.numpy() for c in chunks]) if chunks else np.zeros((0, 10), np.float32)

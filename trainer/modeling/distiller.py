@@ -53,8 +53,12 @@ class Distiller(keras.Model):
     self.distillation_weight = float(weight)
     self.temperature = float(temperature)
     self.slices = slices
-    self.student_loss_fn = student_loss_fn or losses.sparse_cross_entropy
-    self.distillation_loss_fn = distillation_loss_fn or losses.distillation_loss
+    # The training loop traces the steps without AutoGraph (trainer/training/loop.py); a
+    # caller's own loss keeps it, as under Keras' fit, by being a tf.function of its own.
+    self.student_loss_fn = (tf.function(student_loss_fn) if student_loss_fn
+                            else losses.sparse_cross_entropy)
+    self.distillation_loss_fn = (tf.function(distillation_loss_fn) if distillation_loss_fn
+                                 else losses.distillation_loss)
     # Running means of loss, distillation_loss, student_loss and accuracy, in one variable.
     self.means = ExampleMeans(("loss", "distillation_loss", "student_loss", "accuracy"))
     self.extra_metrics = [keras.metrics.get(m) for m in (metrics or [])]

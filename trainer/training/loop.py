@@ -65,12 +65,24 @@ def release_in_background(holder: list) -> None:
   threading.Thread(target=objects.clear, name="release-iterator", daemon=True).start()
 
 
+def graph_step(step, jit_compile=False):
+  """A model's train or test step as the loop's graphs call it: never converted by AutoGraph.
+
+  Why: AutoGraph would transpile the step's Python and everything it calls (the Distiller, the
+  losses, the metrics, batch slices), about a second of every run's first epoch on these CPUs.
+  None of it branches or loops on a tensor's value (a Python `if` on a tensor fails loudly at
+  tracing, so such a change cannot slip through). The loops around the step keep AutoGraph."""
+  if jit_compile:
+    return tf.function(step, jit_compile=True, autograph=False)
+  return tf.autograph.experimental.do_not_convert(step)
+
+
 class Evaluator:
   """Runs a model's test_step over a whole pipeline under the strategy."""
 
   def __init__(self, model, strategy, jit_compile=False):
     self._model, self._strategy = model, strategy
-    step = tf.function(model.test_step, jit_compile=True) if jit_compile else model.test_step
+    step = graph_step(model.test_step, jit_compile)
 
     @tf.function
     def run_all(dataset):  # the whole pass in one graph: no retracing on the partial batch
@@ -119,8 +131,7 @@ class TrainingLoop:
     self._restored = (checkpoint_dir, None)  # (folder, checkpoint found) of restore()
     self._evaluator = Evaluator(model, strategy, config.jit_compile)
     self._gather = distribution.row_gatherer(strategy) if self._workers > 1 else None
-    step = (tf.function(model.train_step, jit_compile=True) if config.jit_compile
-            else model.train_step)
+    step = graph_step(model.train_step, config.jit_compile)
 
     @tf.function
     def run_steps(iterator, count):
