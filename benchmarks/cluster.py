@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import emit
+
 REPO = Path(__file__).resolve().parents[1]
 # The cluster drivers of the tests (tests/cluster/local_cluster.py) and the emulator they use.
 sys.path[:0] = [str(REPO / "tests" / "cluster"), str(REPO / "tests")]
@@ -233,11 +235,7 @@ def main(argv=None):
     parser.error("no local cluster is up: bash scripts/local_cluster.sh up")
   found = measure(args.image, args.idx_dir, args.workdir or tempfile.mkdtemp(), overlays,
                   args.runs)
-  print("\n".join(report_lines(found)))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(found, f, indent=1)
-  return 0
+  return emit(report_lines(found), found, args.json_out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 
+from benchmarks import emit
 from benchmarks.end_to_end import child_env, run_subprocess
 
 TARGET = 4.0  # ours must take at most a quarter of the notebook's wall time
@@ -227,11 +228,7 @@ def main(argv=None):
   os.makedirs(args.workdir, exist_ok=True)
   found = measure(args.idx_dir, os.path.abspath(args.workdir), args.runs, args.teacher_dir,
                   parse_subset(args.subset), args.other_code)
-  print("\n".join(report_lines(found)))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(found, f, indent=1)
-  return 0
+  return emit(report_lines(found), found, args.json_out)
 
 
 if __name__ == "__main__":
