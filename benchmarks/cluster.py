@@ -36,18 +36,25 @@ from pathlib import Path
 from benchmarks import emit
 
 REPO = Path(__file__).resolve().parents[1]
-# The cluster drivers of the tests (tests/cluster/local_cluster.py) and the emulator they use.
-sys.path[:0] = [str(REPO / "tests" / "cluster"), str(REPO / "tests")]
-
-import local_cluster  # noqa: E402  # pylint: disable=wrong-import-position
-
 FIRST_EPOCH = "teacher epoch 1/"
 OVERLAYS = ("cpu-smoke", "base")
 
 
+def _drivers():
+  """The cluster drivers of the tests (tests/cluster/local_cluster.py, and the emulator they
+  use), imported only when a cluster is measured: `python -m benchmarks` without one never puts
+  tests/ on its path (appended, so that nothing of tests/ shadows an installed module)."""
+  for folder in (REPO / "tests", REPO / "tests" / "cluster"):
+    if str(folder) not in sys.path:
+      sys.path.append(str(folder))
+  import local_cluster  # pylint: disable=import-outside-toplevel
+  return local_cluster
+
+
 def cluster_up() -> bool:
   """Whether scripts/local_cluster.sh reports a running cluster (its status exits 0)."""
-  return local_cluster.script("status", check=False, timeout=60).returncode == 0
+  return subprocess.run(["bash", str(REPO / "scripts" / "local_cluster.sh"), "status"],
+                        capture_output=True, timeout=60, check=False).returncode == 0
 
 
 def _stamp(line: str):
@@ -67,10 +74,11 @@ def _api_time(value):
 def _wait_finished(cluster, timeout):
   """Blocks until job/mnist-distill is Complete or Failed (two watches, no polling of the API);
   returns (condition, epoch seconds when seen)."""
+  lc = _drivers()
   waits = {kind: subprocess.Popen(
       cluster.in_netns(cluster.kubectl_argv(
           "wait", f"--for=condition={kind}", "job/mnist-distill", "-n",
-          local_cluster.NAMESPACE, f"--timeout={timeout}s")),
+          lc.NAMESPACE, f"--timeout={timeout}s")),
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for kind in ("complete", "failed")}
   try:
     while True:
@@ -98,9 +106,8 @@ def run_once(cluster, target: Path, timeout=3600) -> dict:
   if not pods:
     return found
   pod = pods[0]
-  lines = [_stamp(line) for line in cluster.kubectl(
-      "logs", pod["metadata"]["name"], "-c", "trainer", "-n", local_cluster.NAMESPACE,
-      "--timestamps", check=False).stdout.splitlines() if line.strip()]
+  lines = [_stamp(line) for line in cluster.logs(pod["metadata"]["name"], timestamps=True)
+           .splitlines() if line.strip()]
   epoch = next((t for t, text in lines if FIRST_EPOCH in text), None)
   found["apply_to_first_epoch_s"] = epoch - started if epoch else None
   found["apply_to_first_log_line_s"] = lines[0][0] - started if lines else None
@@ -115,8 +122,9 @@ def run_once(cluster, target: Path, timeout=3600) -> dict:
 def _smoke_volume(cluster, folder: Path, idx_dir) -> None:
   """cpu-smoke's claim bound to a hostPath PersistentVolume on `folder`, which holds MNIST
   under mnist/ (the documented local-cluster example)."""
+  lc = _drivers()
   (folder / "mnist").mkdir(parents=True)
-  for name in local_cluster.IDX_FILES:
+  for name in lc.IDX_FILES:
     shutil.copy(os.path.join(idx_dir, name), folder / "mnist" / name)
   for path in (folder, folder / "mnist", *(folder / "mnist").iterdir()):
     os.chown(path, 10001, 10001)  # the image's user; hostPath gets no fsGroup change
@@ -125,19 +133,20 @@ def _smoke_volume(cluster, folder: Path, idx_dir) -> None:
             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                      "persistentVolumeReclaimPolicy": "Retain",
                      "hostPath": {"path": str(folder)},
-                     "claimRef": {"namespace": local_cluster.NAMESPACE,
+                     "claimRef": {"namespace": lc.NAMESPACE,
                                   "name": "mnist-distill-runs"}}}
   cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
 
 
 def measure_smoke(cluster, image, idx_dir, workdir: Path, runs: int) -> list:
   """cpu-smoke as shipped, `runs` times, each from a clean namespace and an empty volume."""
+  lc = _drivers()
   found = []
   for turn in range(runs):
     folder = Path(tempfile.mkdtemp(prefix=f"smoke-{turn}-", dir=workdir))
     try:
       _smoke_volume(cluster, folder / "runs", idx_dir)
-      target = local_cluster.prepare(folder, "cpu-smoke", image, "/runs/smoke", components=())
+      target = lc.prepare(folder, "cpu-smoke", image, "/runs/smoke", components=())
       flags = target / "smoke-flags.txt"
       flags.write_text(flags.read_text() + "--idx_dir=/runs/mnist\n")
       found.append(run_once(cluster, target, timeout=900))
@@ -152,12 +161,13 @@ def measure_smoke(cluster, image, idx_dir, workdir: Path, runs: int) -> list:
 
 def measure_default(cluster, image, idx_dir, workdir: Path) -> dict:
   """k8s/base (the default job, untouched flags) once, its bucket on the emulator."""
+  lc = _drivers()
   folder = Path(tempfile.mkdtemp(prefix="default-", dir=workdir))
-  tls = local_cluster.make_google_tls(folder)
-  with local_cluster.serve_bucket(cluster, tls, idx_dir):
+  tls = lc.make_google_tls(folder)
+  with lc.serve_bucket(cluster, tls, idx_dir):
     try:
-      target = local_cluster.prepare(
-          folder, "base", image, f"gs://{local_cluster.BUCKET}/runs/bench-{int(time.time())}",
+      target = lc.prepare(
+          folder, "base", image, f"gs://{lc.BUCKET}/runs/bench-{int(time.time())}",
           files={"local-cluster/ca.crt": tls[0].read_bytes()})
       found = run_once(cluster, target, timeout=3600)
     finally:
@@ -168,7 +178,8 @@ def measure_default(cluster, image, idx_dir, workdir: Path) -> dict:
 
 def measure(image, idx_dir, workdir, overlays=("cpu-smoke",), runs=3) -> dict:
   """{overlay: [figures of each run]} on the running local cluster."""
-  cluster = local_cluster.Cluster()
+  lc = _drivers()
+  cluster = lc.Cluster()
   workdir = Path(workdir) / "cluster"
   workdir.mkdir(parents=True, exist_ok=True)
   found = {}

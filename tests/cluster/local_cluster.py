@@ -118,8 +118,10 @@ class Cluster:
       out.append(proc.stdout[-3000:] + proc.stderr[-500:])
     return "\n".join(out)
 
-  def logs(self, pod, container="trainer", previous=False):
-    args = ["logs", pod, "-c", container, "-n", NAMESPACE] + (["--previous"] if previous else [])
+  def logs(self, pod, container="trainer", previous=False, timestamps=False):
+    """A container's log; with `timestamps`, each line led by the runtime's RFC 3339 time."""
+    args = (["logs", pod, "-c", container, "-n", NAMESPACE] + (["--previous"] if previous else [])
+            + (["--timestamps"] if timestamps else []))
     return self.kubectl(*args, check=False).stdout
 
   def delete_namespace(self):
